@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv (Python >= 3.10) and installs what it needs into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CLI    := $(BIN)/compressed-perception
+OUT    := build/demo
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-run: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[torch]'
+	touch $@
+
+$(VENV)/.installed-test: setup.py | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+demo: $(VENV)/.installed-run
+	$(CLI) detect data/vtest --json $(OUT)/detections.jsonl --annotate $(OUT)/annotated
+	$(CLI) bench --size 640x480 --iterations 60
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed-run
+	$(CLI) bench --json build/bench.json
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,107 @@
+"""Latency per stage over real frames, for each backend and input size, in one process.
+
+Every configuration runs in the same process on the same frames, so ratios between
+them are meaningful even on a noisy machine; absolute figures are not portable.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from compressed_perception.runtime.detector import Detector, FrameResult
+from compressed_perception.runtime.postprocess import PostprocessConfig
+from compressed_perception.sources import frames
+
+STAGES = ("preprocess", "inference", "postprocess", "total")
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    backend: str
+    width: int
+    height: int
+    iterations: int
+    stats: dict[str, dict[str, float]]  # stage -> {"p50": ms, "p90": ms, "p99": ms}
+
+    def row(self) -> str:
+        cells = [f"{self.stats[s]['p50']:8.2f} {self.stats[s]['p99']:8.2f}" for s in STAGES]
+        return f"{self.backend:<12} {self.width:>4}x{self.height:<5} " + " ".join(cells)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or "0" in (width[:1], height[:1]):
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT with positive integers")
+    return int(width), int(height)
+
+
+def load_frames(source: Path, limit: int = 40) -> list[np.ndarray]:
+    return [frame.image for _, frame in zip(range(limit), frames([source]), strict=False)]
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
+
+
+def bench_detector(
+    detector: Detector, images: Sequence[np.ndarray], size: tuple[int, int], iterations: int
+) -> BenchResult:
+    """Time `iterations` detections over `images` resized to `size`, after a warm-up."""
+    resized = [cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in images]
+    for image in resized[:5]:
+        detector.detect(image)
+    results: list[FrameResult] = [
+        detector.detect(resized[i % len(resized)]) for i in range(iterations)
+    ]
+    stats = {
+        stage: percentiles([getattr(r.latency_ms, stage) for r in results]) for stage in STAGES
+    }
+    return BenchResult(detector.backend.name, size[0], size[1], iterations, stats)
+
+
+def run_bench(
+    manifest: Path,
+    backends: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    source: Path,
+    iterations: int,
+    threads: int = 0,
+) -> list[BenchResult]:
+    images = load_frames(source)
+    results = []
+    for backend in backends:
+        detector = Detector.open(manifest, backend, PostprocessConfig(), threads=threads)
+        results.extend(bench_detector(detector, images, size, iterations) for size in sizes)
+    return results
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def table(results: Sequence[BenchResult]) -> str:
+    header = f"{'backend':<12} {'size':<10} " + " ".join(f"{s + ' p50/p99 ms':>17}" for s in STAGES)
+    lines = [header, *(r.row() for r in results)]
+    base = {(r.width, r.height): r for r in results if r.backend == results[0].backend}
+    for r in results[len(base) :]:
+        ref = base.get((r.width, r.height))
+        if ref:
+            ratio = r.stats["total"]["p50"] / ref.stats["total"]["p50"]
+            lines.append(f"ratio {r.backend}/{ref.backend} at {r.width}x{r.height}: {ratio:.2f}")
+    return "\n".join(lines)

