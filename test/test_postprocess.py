@@ -55,8 +55,8 @@ def _reference_postprocess(boxes, scores, config):
         if scores[a, c] > config.score_threshold
         and (config.class_ids is None or c in config.class_ids)
     ]
-    candidates = sorted(enumerate(candidates), key=lambda item: (-item[1][0], item[0]))
-    candidates = [item for _, item in candidates][: config.pre_nms_top_k]
+    # sorted() is stable: equal scores stay in anchor-then-class order.
+    candidates = sorted(candidates, key=lambda item: -item[0])[: config.pre_nms_top_k]
     kept = []
     for class_id in {c for _, _, c in candidates}:
         rank = [r for r, (_, _, c) in enumerate(candidates) if c == class_id]
@@ -135,7 +135,7 @@ def test_postprocess_matches_reference(
 
 
 def _outputs(boxes, classes=3, **scores):
-    """Boxes plus an (N, classes) score matrix with the given {"anchor_class": score}."""
+    """Boxes plus an (N, classes) score matrix, set where named: a{anchor}_{class}=score."""
     matrix = np.zeros((len(boxes), classes), np.float32)
     for key, value in scores.items():
         anchor, class_id = (int(v) for v in key[1:].split("_"))
