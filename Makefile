@@ -21,7 +21,8 @@ $(VENV)/.installed-test: setup.py | $(BIN)/python
 
 demo: $(VENV)/.installed-run
 	$(CLI) detect data/vtest --json $(OUT)/detections.jsonl --annotate $(OUT)/annotated
-	$(CLI) bench --size 640x480 --iterations 60
+	$(CLI) replay data/sample_bag --out $(OUT)/replay_bag --overwrite \
+		--metrics $(OUT)/replay_metrics.json
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -22,6 +22,7 @@ setup(
             [f"{MODEL}/manifest.json", f"{MODEL}/nanodet_g.onnx", f"{MODEL}/nanodet_g.pt"],
         ),
         (f"{SHARE}/data/vtest", glob("data/vtest/*")),
+        (f"{SHARE}/data/sample_bag", glob("data/sample_bag/*")),
     ],
     python_requires=">=3.10",
     install_requires=[
@@ -29,6 +30,8 @@ setup(
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
         "onnxruntime>=1.17",
+        "pycocotools>=2.0",
+        "rosbags>=0.10",
     ],
     extras_require={
         # torch==2.13.0: the CPU build this project is tested with; unpinned, pip picks a CUDA build

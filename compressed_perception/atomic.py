@@ -12,26 +12,30 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `dest`; on success it replaces `dest`, else it is removed.
+    """Yield a path to create `dest` at; on success it replaces `dest`, else it is removed.
 
-    Works for files and folders alike: the caller creates whatever it wants at the path.
+    The yielded path has `dest`'s own name, inside a hidden staging folder beside it, so
+    that tools which name inner files after their folder (rosbag2 does) name them right.
+    Works for files and folders alike.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.unlink()
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    tmp = staging / dest.name
     try:
         yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
+        if tmp.is_dir() or dest.is_dir():
+            _remove(dest)  # os.replace cannot put a folder over a file or a non-empty folder
         os.replace(tmp, dest)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text(dest: Path, text: str) -> None:

