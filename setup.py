@@ -31,6 +31,7 @@ setup(
         "opencv-python-headless>=4.8",
         "onnxruntime>=1.17",
         "pycocotools>=2.0",
+        "pyyaml>=5.4",
         "rosbags>=0.10",
     ],
     extras_require={
@@ -54,6 +55,7 @@ setup(
     entry_points={
         "console_scripts": [
             "compressed-perception = compressed_perception.cli:main",
+            "perception_node = compressed_perception.ros.node:main",
         ],
     },
 )

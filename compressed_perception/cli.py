@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 
 from compressed_perception.atomic import atomic_path
 from compressed_perception.errors import ConfigError, ImageError, PerceptionError
-from compressed_perception.resources import default_model, sample_frames
+from compressed_perception.resources import default_model, find_shared, sample_frames
 from compressed_perception.runtime.annotate import annotate
 from compressed_perception.runtime.backends import BACKENDS, open_backend
 from compressed_perception.runtime.detector import Detector, FrameResult
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressed-perception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for add in (_add_detect, _add_bench, _add_replay, _add_sample_bag, _add_import):
+    for add in (_add_detect, _add_bench, _add_replay, _add_sample_bag, _add_node, _add_import):
         add(commands)
     return parser
 
@@ -68,6 +69,9 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--frames", type=Path, help="video or folder (default: sample frames)")
     bench.add_argument("--iterations", type=int, default=200)
     bench.add_argument("--json", type=Path, metavar="OUT")
+    bench.add_argument(
+        "--node", action="store_true", help="node overhead over DDS on loopback (a node process)"
+    )
     bench.set_defaults(run=_bench)
 
 
@@ -112,6 +116,16 @@ def _add_sample_bag(commands: Any) -> None:
     sample.set_defaults(run=_make_sample_bag)
 
 
+def _add_node(commands: Any) -> None:
+    node = commands.add_parser("node", help="run the perception node (DDS transport: no ROS)")
+    node.add_argument("--transport", choices=("dds", "rclpy"), default="dds")
+    node.add_argument("--config", type=Path, help="ROS 2 parameter YAML (default: installed)")
+    node.add_argument(
+        "--domain-id", type=int, default=None, help="DDS domain (default: $ROS_DOMAIN_ID or 0)"
+    )
+    node.set_defaults(run=_node)
+
+
 def _add_import(commands: Any) -> None:
     imp = commands.add_parser(
         "import-nanodet", help="rebuild the FP32 NanoDet-g artifact from the TF.js source"
@@ -138,7 +152,7 @@ def _detect(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold,
         nms_threshold=args.nms_threshold,
         max_detections=args.max_detections,
-        class_ids=_class_ids(args.classes, manifest.classes),
+        class_ids=manifest.class_ids(args.classes or ()),
     )
     backend = open_backend(manifest, args.backend, threads=args.threads)
     detector = Detector(manifest, backend, config)
@@ -155,22 +169,6 @@ def _detect(args: argparse.Namespace) -> int:
                 _write_image(args.annotate / _frame_name(frame.source, frame.index), drawn)
     print(summary.report(backend.name, manifest.path))
     return 0
-
-
-def _class_ids(names: Sequence[str] | None, labels: Sequence[str]) -> tuple[int, ...] | None:
-    if not names:
-        return None
-    ids = []
-    for name in names:
-        if name.isdigit() and int(name) < len(labels):
-            ids.append(int(name))
-        elif name in labels:
-            ids.append(labels.index(name))
-        else:
-            raise ConfigError(
-                f"--classes: {name!r} is neither a class name nor an id of this model"
-            )
-    return tuple(ids)
 
 
 def _record(source: str, index: int, result: FrameResult, labels: Sequence[str]) -> dict[str, Any]:
@@ -255,24 +253,29 @@ class _Summary:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from compressed_perception.benchmark import machine, parse_size, run_bench, table
+    from compressed_perception.benchmark import load_frames, machine, parse_size, run_bench, table
 
     try:
         sizes = [parse_size(s) for s in (args.size or DEFAULT_SIZES)]
     except ValueError as exc:
         raise ConfigError(f"--size: {exc}") from exc
-    backends = [args.backend] if args.backend else ["torch", "onnxruntime"]
     manifest = args.model or default_model()
     source = args.frames or sample_frames()
-    results = run_bench(manifest, backends, sizes, source, args.iterations, args.threads)
-    print(f"model {manifest}, frames {source}, {args.iterations} iterations per row")
-    print(table(results))
+    if args.node:
+        from compressed_perception.ros.dds_bench import bench_node
+
+        backend = args.backend or "onnxruntime"
+        rows = bench_node(load_frames(source), sizes, args.iterations, str(manifest), backend)
+        for row in rows:
+            print(f"node over DDS, {backend}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    else:
+        backends = [args.backend] if args.backend else ["torch", "onnxruntime"]
+        results = run_bench(manifest, backends, sizes, source, args.iterations, args.threads)
+        print(f"model {manifest}, frames {source}, {args.iterations} iterations per row")
+        print(table(results))
+        rows = [vars(r) for r in results]
     if args.json:
-        payload = {
-            "machine": machine(),
-            "model": str(manifest),
-            "results": [vars(r) for r in results],
-        }
+        payload = {"machine": machine(), "model": str(manifest), "results": rows}
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
@@ -332,6 +335,25 @@ def _make_sample_bag(args: argparse.Namespace) -> int:
     count = make_sample_bag(args.video, args.out, options)
     print(f"wrote {count} frames to {args.out}")
     return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    if args.transport == "rclpy":
+        from compressed_perception.ros.node import main as rclpy_main
+
+        params = ["--ros-args", "--params-file", str(args.config)] if args.config else []
+        rclpy_main(params or None)
+        return 0
+    from compressed_perception.ros.config import load_config
+    from compressed_perception.ros.dds_node import run
+
+    config = load_config(args.config or find_shared("config/perception.yaml"))
+    domain = (
+        args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "0"))
+    )
+    if not 0 <= domain <= 232:
+        raise ConfigError(f"--domain-id: {domain} is outside 0..232")
+    return run(config, domain)
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from compressed_perception.errors import ConfigError
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.backends.base import Backend
 from compressed_perception.runtime.manifest import Manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections, PostprocessConfig, postprocess
 from compressed_perception.runtime.preprocess import Letterbox
+
+DYNAMIC_BATCH_LIMIT = 8  # frames per call when the model's batch dimension is dynamic
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class Detector:
         self.backend = backend
         self.config = config or PostprocessConfig()
         self.labels = manifest.classes
-        self._letterbox = Letterbox(manifest.io.width, manifest.io.height)
+        self.max_batch = manifest.io.batch or DYNAMIC_BATCH_LIMIT
+        self._letterbox = Letterbox(manifest.io.width, manifest.io.height, batch=self.max_batch)
 
     @classmethod
     def open(
@@ -61,15 +66,39 @@ class Detector:
 
     def detect(self, image: np.ndarray, name: str = "image") -> FrameResult:
         """`image` is an (h, w, 3) uint8 BGR array; `name` appears in any error."""
+        return self.detect_batch([image], [name])[0]
+
+    def detect_batch(
+        self, images: Sequence[np.ndarray], names: Sequence[str] | None = None
+    ) -> list[FrameResult]:
+        """Several frames (e.g. one per camera) in one inference call.
+
+        Each frame's inference time is the whole batch's: that is how long it waited.
+        """
+        if not 1 <= len(images) <= self.max_batch:
+            raise ConfigError(
+                f"batch of {len(images)} images; this model takes 1..{self.max_batch}"
+            )
+        names = names or [f"image {i}" for i in range(len(images))]
         start = time.perf_counter()
-        transform = self._letterbox(image, name=name)
+        transforms = [
+            self._letterbox(image, slot=i, name=name)
+            for i, (image, name) in enumerate(zip(images, names, strict=True))
+        ]
         prepared = time.perf_counter()
-        boxes, scores = self.backend.infer(self._letterbox.buffer)
+        static = self.manifest.io.batch is not None
+        inputs = self._letterbox.buffer if static else self._letterbox.buffer[: len(images)]
+        boxes, scores = self.backend.infer(inputs)
         inferred = time.perf_counter()
-        found = postprocess(boxes[0], scores[0], self.config)
-        found = Detections(transform.to_original(found.boxes), found.scores, found.class_ids)
-        done = time.perf_counter()
-        times = StageTimes(
-            (prepared - start) * 1e3, (inferred - prepared) * 1e3, (done - inferred) * 1e3
-        )
-        return FrameResult(found, transform.src_width, transform.src_height, times)
+        results = []
+        for i, transform in enumerate(transforms):
+            begin = time.perf_counter()
+            found = postprocess(boxes[i], scores[i], self.config)
+            found = Detections(transform.to_original(found.boxes), found.scores, found.class_ids)
+            times = StageTimes(
+                (prepared - start) * 1e3 / len(images),
+                (inferred - prepared) * 1e3,
+                (time.perf_counter() - begin) * 1e3,
+            )
+            results.append(FrameResult(found, transform.src_width, transform.src_height, times))
+        return results

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compressed_perception.atomic import write_text
-from compressed_perception.errors import IntegrityError, ModelError
+from compressed_perception.errors import ConfigError, IntegrityError, ModelError
 
 FORMAT = "compressed_perception/manifest@1"
 ARTIFACT_KINDS = ("onnx", "torch", "tensorrt")
@@ -68,6 +69,20 @@ class Manifest:
                 f"({str(self.checksums.get(name))[:16]}...): truncated, tampered or stale file"
             )
         return path
+
+    def class_ids(self, names: Sequence[str]) -> tuple[int, ...] | None:
+        """Class names or numeric ids to indices; None when `names` is empty (keep all)."""
+        ids = []
+        for name in names:
+            if name in self.classes:
+                ids.append(self.classes.index(name))
+            elif name.isdigit() and int(name) < len(self.classes):
+                ids.append(int(name))
+            else:
+                raise ConfigError(
+                    f"classes: {name!r} is neither a class name nor an id of {self.name}"
+                )
+        return tuple(ids) or None
 
     def to_dict(self) -> dict[str, Any]:
         io = self.io

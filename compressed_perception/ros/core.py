@@ -1,0 +1,267 @@
+"""The node's core, shared by the rclpy node and the DDS transport.
+
+Per camera a one-slot buffer: a new frame replaces an untaken one (latest frame wins,
+the replaced one counts as dropped), so latency stays bounded whatever the input rate.
+Decoding and inference run on one worker thread, off the subscription callbacks; when
+the model takes a batch, the latest frames of several cameras go in one call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressed_perception.errors import ImageError
+from compressed_perception.resources import default_model
+from compressed_perception.ros.config import NodeConfig
+from compressed_perception.ros.convert import compressed_to_bgr, image_to_bgr
+from compressed_perception.runtime.backends import open_backend
+from compressed_perception.runtime.detector import Detector, FrameResult
+from compressed_perception.runtime.manifest import load_manifest
+from compressed_perception.runtime.postprocess import PostprocessConfig
+
+WARN_PERIOD_S = 5.0
+LATENCY_WINDOW = 1000
+
+# (camera index, image header, result with boxes in image pixels, the BGR image)
+PublishFn = Callable[[int, Any, FrameResult, np.ndarray], None]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class _Pending:
+    message: Any
+    received: float  # time.monotonic() at the subscription callback
+
+
+@dataclass
+class CameraStats:
+    topic: str
+    received: int = 0
+    processed: int = 0
+    dropped: int = 0
+    malformed: int = 0
+    end_to_end_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    last_warning: float = -1e9
+    suppressed_warnings: int = 0
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """One camera's health over the last diagnostics period, transport-neutral."""
+
+    name: str
+    level: int  # diagnostic_msgs/DiagnosticStatus: 0 OK, 1 WARN, 2 ERROR, 3 STALE
+    message: str
+    values: dict[str, str]
+
+
+class PerceptionCore:
+    def __init__(
+        self,
+        detector: Detector,
+        topics: Sequence[str],
+        compressed: bool,
+        publish: PublishFn,
+        warn: LogFn,
+    ) -> None:
+        self.detector = detector
+        self.compressed = compressed
+        self._publish = publish
+        self._warn = warn
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._slots: list[_Pending | None] = [None] * len(topics)
+        self._served = [0] * len(topics)  # turn number at which each camera was last taken
+        self._turns = itertools.count(1)
+        self.stats = [CameraStats(topic) for topic in topics]
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="perception-worker", daemon=True)
+        self._last_report = (time.monotonic(), [(0, 0)] * len(topics))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def on_message(self, camera: int, message: Any) -> None:
+        """Subscription callback: store and return at once; never decodes or infers."""
+        now = time.monotonic()
+        with self._wake:
+            stats = self.stats[camera]
+            stats.received += 1
+            if self._slots[camera] is not None:
+                stats.dropped += 1
+            self._slots[camera] = _Pending(message, now)
+            self._wake.notify()
+
+    def _take(self) -> list[tuple[int, _Pending]] | None:
+        """Wait for frames; returns up to one batch of (camera, frame).
+
+        Cameras served longest ago go first, so that under overload every camera gets
+        its share instead of the one whose frames happen to arrive first.
+        """
+        with self._wake:
+            while not self._stopping and all(slot is None for slot in self._slots):
+                self._wake.wait()
+            if self._stopping:
+                return None
+            ready = [(i, slot) for i, slot in enumerate(self._slots) if slot is not None]
+            ready.sort(key=lambda item: (self._served[item[0]], item[1].received))
+            batch = ready[: self.detector.max_batch]
+            for camera, _ in batch:
+                self._slots[camera] = None
+                self._served[camera] = next(self._turns)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            decoded = [
+                (camera, pending, self._decode(camera, pending)) for camera, pending in batch
+            ]
+            ready = [(c, p, image) for c, p, image in decoded if image is not None]
+            if not ready:
+                continue
+            try:
+                results = self.detector.detect_batch(
+                    [image for *_, image in ready], [self.stats[c].topic for c, *_ in ready]
+                )
+            except ImageError as exc:
+                self._throttled_warning(ready[0][0], str(exc))
+                continue
+            for (camera, pending, image), result in zip(ready, results, strict=True):
+                self._publish(camera, pending.message.header, result, image)
+                self._record(camera, pending, result)
+
+    def _decode(self, camera: int, pending: _Pending) -> np.ndarray | None:
+        topic = self.stats[camera].topic
+        try:
+            if self.compressed:
+                return compressed_to_bgr(pending.message, topic)
+            return image_to_bgr(pending.message, topic)
+        except ImageError as exc:
+            with self._lock:
+                self.stats[camera].malformed += 1
+            self._throttled_warning(camera, f"skipped malformed frame: {exc}")
+            return None
+
+    def _record(self, camera: int, pending: _Pending, result: FrameResult) -> None:
+        with self._lock:
+            stats = self.stats[camera]
+            stats.processed += 1
+            stats.end_to_end_ms.append((time.monotonic() - pending.received) * 1e3)
+            stats.inference_ms.append(result.latency_ms.inference)
+
+    def _throttled_warning(self, camera: int, text: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            stats = self.stats[camera]
+            if now - stats.last_warning < WARN_PERIOD_S:
+                stats.suppressed_warnings += 1
+                return
+            suppressed, stats.suppressed_warnings = stats.suppressed_warnings, 0
+            stats.last_warning = now
+        more = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
+        self._warn(f"{text}{more}")
+
+    def diagnostics(self, backend: str, model: str) -> list[CameraStatus]:
+        """Per camera: rates since the previous call, drops, latency percentiles."""
+        now = time.monotonic()
+        with self._lock:
+            since, counts = self._last_report
+            elapsed = max(now - since, 1e-9)
+            statuses = []
+            for stats, (received, processed) in zip(self.stats, counts, strict=True):
+                statuses.append(_status(stats, received, processed, elapsed, backend, model))
+            self._last_report = (now, [(s.received, s.processed) for s in self.stats])
+        return statuses
+
+
+def _status(
+    stats: CameraStats, received: int, processed: int, elapsed: float, backend: str, model: str
+) -> CameraStatus:
+    input_rate = (stats.received - received) / elapsed
+    output_rate = (stats.processed - processed) / elapsed
+    e2e = _percentiles(stats.end_to_end_ms)
+    values = {
+        "input_rate_hz": f"{input_rate:.2f}",
+        "output_rate_hz": f"{output_rate:.2f}",
+        "received": str(stats.received),
+        "processed": str(stats.processed),
+        "dropped": str(stats.dropped),
+        "malformed": str(stats.malformed),
+        "latency_p50_ms": f"{e2e[0]:.2f}",
+        "latency_p99_ms": f"{e2e[1]:.2f}",
+        "inference_p50_ms": f"{_percentiles(stats.inference_ms)[0]:.2f}",
+        "backend": backend,
+        "model": model,
+    }
+    if input_rate == 0:
+        level, text = 1, "no input"
+    elif output_rate == 0:
+        level, text = 2, "input but no output"
+    elif stats.malformed:
+        level, text = 1, f"{stats.malformed} malformed frames skipped"
+    else:
+        level, text = 0, "ok"
+    return CameraStatus(f"perception: {stats.topic}", level, text, values)
+
+
+def _percentiles(samples: deque[float]) -> tuple[float, float]:
+    if not samples:
+        return (float("nan"), float("nan"))
+    values = np.fromiter(samples, float)
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
+def diagnostic_array(
+    lookup: Callable[[str], type], header: Any, statuses: Sequence[CameraStatus]
+) -> Any:
+    """diagnostic_msgs/DiagnosticArray from statuses, with the given message classes."""
+    status_cls = lookup("diagnostic_msgs/msg/DiagnosticStatus")
+    pair_cls = lookup("diagnostic_msgs/msg/KeyValue")
+    return lookup("diagnostic_msgs/msg/DiagnosticArray")(
+        header=header,
+        status=[
+            status_cls(
+                level=_level_value(status_cls, s.level),
+                name=s.name,
+                message=s.message,
+                hardware_id="",
+                values=[pair_cls(key=k, value=v) for k, v in s.values.items()],
+            )
+            for s in statuses
+        ],
+    )
+
+
+def _level_value(status_cls: type, level: int) -> Any:
+    """rclpy's `byte` fields take bytes; a typestore's take ints."""
+    return bytes([level]) if getattr(status_cls, "_fields_and_field_types", None) else level
+
+
+def detector_from_config(config: NodeConfig) -> Detector:
+    """The detector a node runs: model, backend, thresholds and class filter from its config."""
+    manifest = load_manifest(Path(config.model) if config.model else default_model())
+    postprocess = PostprocessConfig(
+        score_threshold=config.score_threshold,
+        nms_threshold=config.nms_threshold,
+        max_detections=config.max_detections,
+        class_ids=manifest.class_ids(config.classes),
+    )
+    backend = open_backend(manifest, config.backend, threads=config.threads)
+    return Detector(manifest, backend, postprocess)

@@ -1,0 +1,130 @@
+"""The perception node over Cyclone DDS: the same core as the rclpy node, no ROS needed."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from compressed_perception.ros.config import NodeConfig
+from compressed_perception.ros.convert import (
+    VisionTypes,
+    bgr_to_image_fields,
+    detection_array,
+    detections_topic,
+)
+from compressed_perception.ros.core import PerceptionCore, detector_from_config, diagnostic_array
+from compressed_perception.ros.dds import Participant, RawPublisher, RawSubscriber
+from compressed_perception.ros.messages import (
+    COMPRESSED_IMAGE,
+    DETECTION_ARRAY,
+    DIAGNOSTIC_ARRAY,
+    IMAGE,
+    typestore,
+)
+from compressed_perception.runtime.annotate import annotate
+from compressed_perception.runtime.detector import FrameResult
+
+OUTPUT_DEPTH = 10
+
+
+def _log(level: str, text: str) -> None:
+    print(f"[{level}] [perception_node]: {text}", file=sys.stderr, flush=True)
+
+
+class DdsPerceptionNode:
+    def __init__(self, config: NodeConfig, domain_id: int) -> None:
+        self.config = config
+        self.detector = detector_from_config(config)
+        self._store = typestore()
+        self._vision = VisionTypes.from_lookup(self._store.types.__getitem__)
+        self._participant = Participant(domain_id)
+        self._outputs = [
+            self._publisher(camera, config.detections_topic) for camera in config.cameras
+        ]
+        self._debug = (
+            [self._publisher(camera, "debug_image", IMAGE) for camera in config.cameras]
+            if config.publish_debug_image
+            else []
+        )
+        self._diagnostics = RawPublisher(
+            self._participant, "/diagnostics", DIAGNOSTIC_ARRAY, reliable=True, depth=OUTPUT_DEPTH
+        )
+        self.core = PerceptionCore(
+            self.detector,
+            [config.input_topic(camera) for camera in config.cameras],
+            config.compressed,
+            self._publish,
+            lambda text: _log("WARN", text),
+        )
+        msgtype = COMPRESSED_IMAGE if config.compressed else IMAGE
+        self._inputs = [
+            RawSubscriber(
+                self._participant,
+                config.input_topic(camera),
+                msgtype,
+                lambda message, index=index: self.core.on_message(index, message),
+                reliable=config.qos == "reliable",
+                depth=1,
+            )
+            for index, camera in enumerate(config.cameras)
+        ]
+
+    def _publisher(self, camera: str, name: str, msgtype: str = DETECTION_ARRAY) -> RawPublisher:
+        return RawPublisher(
+            self._participant,
+            detections_topic(camera, name),
+            msgtype,
+            reliable=True,
+            depth=OUTPUT_DEPTH,
+        )
+
+    def _publish(self, camera: int, header: Any, result: FrameResult, image: Any) -> None:
+        message = detection_array(
+            self._vision,
+            header,
+            result.detections,
+            self.detector.labels,
+            self.config.class_id_as_label,
+        )
+        self._outputs[camera].publish(message)
+        if self._debug and self._debug[camera].subscriber_count():
+            drawn = annotate(image, result.detections, self.detector.labels)
+            fields = bgr_to_image_fields(drawn)
+            self._debug[camera].publish(self._store.types[IMAGE](header=header, **fields))
+
+    def publish_diagnostics(self) -> None:
+        now = time.time_ns()
+        header = self._store.types["std_msgs/msg/Header"](
+            stamp=self._store.types["builtin_interfaces/msg/Time"](
+                sec=now // 10**9, nanosec=now % 10**9
+            ),
+            frame_id="",
+        )
+        statuses = self.core.diagnostics(
+            self.detector.backend.name, str(self.detector.manifest.path)
+        )
+        self._diagnostics.publish(diagnostic_array(self._store.types.__getitem__, header, statuses))
+
+    def spin(self, stop: threading.Event) -> None:
+        """Run until `stop` is set; diagnostics go out every `diagnostics_period` seconds."""
+        self.core.start()
+        inputs = ", ".join(self.config.input_topic(c) for c in self.config.cameras)
+        _log("INFO", f"{self.detector.manifest.name} on {self.detector.backend.name}: {inputs}")
+        try:
+            while not stop.wait(self.config.diagnostics_period):
+                self.publish_diagnostics()
+        finally:
+            self.core.stop()
+            _log("INFO", "stopped")
+
+
+def run(config: NodeConfig, domain_id: int) -> int:
+    """Blocking entry point of `compressed-perception node --transport dds`."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    DdsPerceptionNode(config, domain_id).spin(stop)
+    return 0

@@ -1,0 +1,180 @@
+"""The node core without any middleware: one-slot buffers, fairness, batching, diagnostics."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from compressed_perception.compress.export import export_onnx
+from compressed_perception.models.checkpoint import load_checkpoint
+from compressed_perception.ros.core import PerceptionCore
+from compressed_perception.runtime.backends import open_backend
+from compressed_perception.runtime.detector import Detector
+from compressed_perception.runtime.manifest import create_manifest, load_manifest
+
+from conftest import MODEL_DIR
+
+
+def _msg(image, stamp):
+    h, w = image.shape[:2]
+    header = types.SimpleNamespace(stamp=types.SimpleNamespace(sec=stamp, nanosec=0), frame_id="c")
+    return types.SimpleNamespace(
+        header=header, height=h, width=w, encoding="bgr8", step=w * 3, is_bigendian=0,
+        data=image.tobytes(),
+    )  # fmt: skip
+
+
+class CountingBackend:
+    """The real backend, with each call's batch size recorded."""
+
+    def __init__(self, backend):
+        self.inner = backend
+        self.name = backend.name
+        self.batches: list[int] = []
+
+    def infer(self, images):
+        self.batches.append(images.shape[0])
+        return self.inner.infer(images)
+
+
+@pytest.fixture(scope="module")
+def static_detector():
+    manifest = load_manifest(MODEL_DIR)
+    return Detector(manifest, CountingBackend(open_backend(manifest, "onnxruntime")))
+
+
+@pytest.fixture(scope="module")
+def batch_detector(tmp_path_factory):
+    """The default model exported with a dynamic batch dimension (multi-camera engines)."""
+    folder = tmp_path_factory.mktemp("batch")
+    spec = export_onnx(
+        load_checkpoint(MODEL_DIR / "nanodet_g.pt"), folder / "m.onnx", dynamic_batch=True
+    )
+    base = load_manifest(MODEL_DIR)
+    manifest = create_manifest(
+        folder, {"onnx": "m.onnx"}, name="batch", classes=base.classes, precision="fp32", io=spec
+    )
+    manifest.save()
+    manifest = load_manifest(folder)
+    return Detector(manifest, CountingBackend(open_backend(manifest, "onnxruntime")))
+
+
+class Sink:
+    def __init__(self):
+        self.published = []
+        self.warnings = []
+        self.event = threading.Event()
+
+    def publish(self, camera, header, result, image):
+        self.published.append((camera, header.stamp.sec, result))
+        self.event.set()
+
+    def wait(self, count, timeout=30):
+        deadline = time.monotonic() + timeout
+        while len(self.published) < count:
+            assert time.monotonic() < deadline, f"only {len(self.published)} of {count} published"
+            self.event.wait(0.05)
+            self.event.clear()
+
+
+def test_latest_frame_wins_and_drops_are_counted(static_detector, frames):
+    sink = Sink()
+    core = PerceptionCore(static_detector, ["/a"], False, sink.publish, sink.warnings.append)
+    for stamp in range(1, 6):  # before the worker runs: four are replaced unseen
+        core.on_message(0, _msg(frames[stamp], stamp))
+    core.start()
+    sink.wait(1)
+    time.sleep(0.3)
+    core.stop()
+    assert [(c, s) for c, s, _ in sink.published] == [(0, 5)]
+    stats = core.stats[0]
+    assert (stats.received, stats.dropped, stats.processed) == (5, 4, 1)
+
+
+def test_batch_model_takes_all_cameras_in_one_call(batch_detector, frames):
+    sink = Sink()
+    topics = ["/a", "/b", "/c"]
+    core = PerceptionCore(batch_detector, topics, False, sink.publish, sink.warnings.append)
+    batch_detector.backend.batches.clear()
+    for camera in range(3):
+        core.on_message(camera, _msg(frames[camera * 10], camera + 1))
+    core.start()
+    sink.wait(3)
+    core.stop()
+    assert batch_detector.backend.batches == [3]
+    assert sorted((c, s) for c, s, _ in sink.published) == [(0, 1), (1, 2), (2, 3)]
+    # the batched results equal one-by-one detection of the same frames
+    for camera, _, result in sink.published:
+        single = batch_detector.detect(frames[camera * 10]).detections
+        np.testing.assert_allclose(result.detections.boxes, single.boxes, atol=0.05)
+        np.testing.assert_array_equal(result.detections.class_ids, single.class_ids)
+
+
+def test_cameras_take_turns_under_overload(static_detector, frames):
+    """Four cameras always ready: each is served in turn, none starves."""
+    sink = Sink()
+    core = PerceptionCore(static_detector, ["/0", "/1", "/2", "/3"], False, sink.publish, print)
+    stop = threading.Event()
+
+    def flood():
+        stamp = 0
+        while not stop.is_set():
+            stamp += 1
+            for camera in range(4):
+                core.on_message(camera, _msg(frames[camera], stamp))
+            time.sleep(0.005)
+
+    feeder = threading.Thread(target=flood)
+    feeder.start()
+    core.start()
+    sink.wait(8)
+    stop.set()
+    feeder.join()
+    core.stop()
+    served = [c for c, _, _ in sink.published[:8]]
+    assert sorted(served) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(core.stats[c].dropped > 0 for c in range(4))
+
+
+def test_malformed_frames_warn_throttled_and_count(static_detector, frames):
+    sink = Sink()
+    core = PerceptionCore(static_detector, ["/cam"], False, sink.publish, sink.warnings.append)
+    core.start()
+    bad = _msg(frames[0], 1)
+    bad.encoding = "32FC1"
+    for _ in range(5):
+        core.on_message(0, bad)
+        time.sleep(0.05)
+    core.on_message(0, _msg(frames[0], 9))
+    sink.wait(1)
+    core.stop()
+    assert core.stats[0].malformed == 5
+    assert len(sink.warnings) == 1  # throttled: one line per 5 s per camera
+    assert "/cam: unsupported encoding '32FC1'" in sink.warnings[0]
+    assert [s for _, s, _ in sink.published] == [9]
+
+
+def test_diagnostics_report_rates_drops_and_health(static_detector, frames):
+    sink = Sink()
+    core = PerceptionCore(static_detector, ["/x", "/idle"], False, sink.publish, print)
+    core.diagnostics("onnxruntime", "m")  # start of the period
+    core.start()
+    for stamp in range(1, 4):
+        core.on_message(0, _msg(frames[stamp], stamp))
+        sink.wait(stamp)
+    time.sleep(0.2)
+    active, idle = core.diagnostics("onnxruntime", "models/m.json")
+    core.stop()
+    assert active.name == "perception: /x"
+    assert active.level == 0 and active.message == "ok"
+    assert float(active.values["input_rate_hz"]) > 0
+    assert active.values["processed"] == "3"
+    assert active.values["dropped"] == "0"
+    assert float(active.values["latency_p50_ms"]) >= float(active.values["inference_p50_ms"]) > 0
+    assert active.values["backend"] == "onnxruntime"
+    assert active.values["model"] == "models/m.json"
+    assert idle.level == 1 and idle.message == "no input"
