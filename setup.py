@@ -32,6 +32,8 @@ setup(
         "onnxruntime>=1.17",
         "pycocotools>=2.0",
         "pyyaml>=5.4",
+        # the DDS transport uses cyclonedds-python's raw write/take (tested with 11.0)
+        "cyclonedds~=11.0",
         "rosbags>=0.10",
     ],
     extras_require={
@@ -44,7 +46,10 @@ setup(
             "pytest>=8",
             "hypothesis>=6.100",
             "ruff==0.17.6",
+            # the CARLA client, where its wheels exist: only connection errors are tested here
+            "carla==0.9.16; platform_machine == 'x86_64' and python_version < '3.13'",
         ],
+        "carla": ["carla==0.9.16"],
     },
     zip_safe=True,
     maintainer="compressed_perception maintainers",

@@ -44,7 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressed-perception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for add in (_add_detect, _add_bench, _add_replay, _add_sample_bag, _add_node, _add_import):
+    commands_added = (
+        _add_detect,
+        _add_bench,
+        _add_replay,
+        _add_sample_bag,
+        _add_node,
+        _add_carla,
+        _add_import,
+    )
+    for add in commands_added:
         add(commands)
     return parser
 
@@ -124,6 +133,25 @@ def _add_node(commands: Any) -> None:
         "--domain-id", type=int, default=None, help="DDS domain (default: $ROS_DOMAIN_ID or 0)"
     )
     node.set_defaults(run=_node)
+
+
+def _add_carla(commands: Any) -> None:
+    carla = commands.add_parser("carla", help="run in CARLA and score against its ground truth")
+    carla.add_argument("--host", default="127.0.0.1")
+    carla.add_argument("--port", type=int, default=2000)
+    carla.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    carla.add_argument("--town", help="e.g. Town10HD (default: the loaded map)")
+    carla.add_argument("--frames", type=int, default=200)
+    carla.add_argument("--cameras", nargs="+", default=["rgb_front"], metavar="NAME")
+    carla.add_argument("--vehicles", type=int, default=30)
+    carla.add_argument("--walkers", type=int, default=30)
+    carla.add_argument("--seed", type=int, default=0)
+    carla.add_argument("--out", type=Path, metavar="BAG", help="record images, truth, detections")
+    carla.add_argument("--metrics", type=Path, metavar="OUT.json")
+    carla.add_argument("--overwrite", action="store_true")
+    carla.add_argument("--allow-version-mismatch", action="store_true")
+    _model_options(carla)
+    carla.set_defaults(run=_carla)
 
 
 def _add_import(commands: Any) -> None:
@@ -354,6 +382,43 @@ def _node(args: argparse.Namespace) -> int:
     if not 0 <= domain <= 232:
         raise ConfigError(f"--domain-id: {domain} is outside 0..232")
     return run(config, domain)
+
+
+def _carla(args: argparse.Namespace) -> int:
+    from compressed_perception.carla.record import recording
+    from compressed_perception.carla.simulate import CarlaOptions, run
+
+    if args.frames < 1:
+        raise ConfigError(f"--frames: must be at least 1, got {args.frames}")
+    options = CarlaOptions(
+        host=args.host,
+        port=args.port,
+        timeout=args.timeout,
+        town=args.town,
+        frames=args.frames,
+        cameras=tuple(args.cameras),
+        vehicles=args.vehicles,
+        walkers=args.walkers,
+        seed=args.seed,
+        allow_version_mismatch=args.allow_version_mismatch,
+    )
+    manifest = load_manifest(args.model or default_model())
+    config = PostprocessConfig(score_threshold=0.05)  # scored for mAP down to 0.05
+    detector = Detector(
+        manifest, open_backend(manifest, args.backend, threads=args.threads), config
+    )
+    with recording(
+        args.out, options.role_name, options.cameras, manifest.classes, args.overwrite
+    ) as recorder:
+        metrics = run(options, detector, recorder)
+    print(
+        f"CARLA {args.frames} frames x {len(options.cameras)} cameras: mAP@[.5:.95] "
+        f"{metrics['map']}, mAP@.5 {metrics['map50']}, per class {metrics['per_class']}"
+    )
+    if args.metrics:
+        with atomic_path(args.metrics) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""CARLA simulation: the detector against the simulator's ground truth."""

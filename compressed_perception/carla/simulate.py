@@ -1,0 +1,284 @@
+"""Run the detector in CARLA (0.9.15/0.9.16 Python API) and score it against ground truth.
+
+The world is switched to synchronous mode with a fixed step for the run and restored
+afterwards, and every actor spawned here is destroyed, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compressed_perception.carla.classes import coco_class
+from compressed_perception.carla.geometry import (
+    box_corners,
+    instance_ids,
+    intrinsics,
+    project_box,
+    visible_pixels,
+)
+from compressed_perception.errors import PerceptionError
+from compressed_perception.evaluation import CocoEvaluator
+from compressed_perception.runtime.detector import Detector
+from compressed_perception.runtime.postprocess import Detections
+
+# Mounting poses on the ego vehicle: (x, y, z) metres, yaw degrees.
+CAMERA_POSES = {
+    "rgb_front": (1.5, 0.0, 2.4, 0.0),
+    "rgb_left": (0.5, -0.9, 2.4, -60.0),
+    "rgb_right": (0.5, 0.9, 2.4, 60.0),
+    "rgb_rear": (-2.2, 0.0, 2.4, 180.0),
+}
+SENSOR_WAIT_S = 10.0
+
+
+class CarlaError(PerceptionError):
+    """No server, a version mismatch, an unknown town, or a spawn that failed."""
+
+
+@dataclass(frozen=True)
+class CarlaOptions:
+    host: str = "127.0.0.1"
+    port: int = 2000
+    timeout: float = 10.0
+    town: str | None = None  # None keeps the loaded map
+    frames: int = 200
+    cameras: tuple[str, ...] = ("rgb_front",)
+    width: int = 1280
+    height: int = 720
+    fov: float = 90.0
+    fixed_delta: float = 0.05
+    vehicles: int = 30
+    walkers: int = 30
+    seed: int = 0
+    min_visible_pixels: int = 100
+    role_name: str = "ego_vehicle"
+    allow_version_mismatch: bool = False
+
+
+@dataclass
+class _Scene:
+    ego: Any = None
+    sensors: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (rgb, instance)
+    images: dict[int, queue.Queue[Any]] = field(default_factory=dict)  # sensor id -> images
+    actors: list[Any] = field(default_factory=list)  # everything to destroy, sensors first
+    controllers: list[Any] = field(default_factory=list)
+
+
+def connect(options: CarlaOptions) -> Any:
+    """A client whose server answered; CarlaError naming host, port, timeout and versions."""
+    import carla
+
+    client = carla.Client(options.host, options.port)
+    client.set_timeout(options.timeout)
+    version = client.get_client_version()
+    try:
+        server = client.get_server_version()
+    except RuntimeError as exc:
+        raise CarlaError(
+            f"no CARLA server answered at {options.host}:{options.port} within "
+            f"{options.timeout:g} s (client {version}); start one with "
+            f"`CarlaUE4.sh -RenderOffScreen -carla-rpc-port={options.port}` ({exc})"
+        ) from exc
+    if server != version and not options.allow_version_mismatch:
+        raise CarlaError(
+            f"CARLA server at {options.host}:{options.port} is {server}, this client is {version}: "
+            f"install carla=={server} (or pass --allow-version-mismatch)"
+        )
+    return client
+
+
+def load_town(client: Any, town: str | None) -> Any:
+    if town is None:
+        return client.get_world()
+    available = {Path(m).name.removesuffix("_Opt"): m for m in client.get_available_maps()}
+    if town.removesuffix("_Opt") not in available:
+        raise CarlaError(
+            f"town {town!r} is not on this server (has: {', '.join(sorted(available))})"
+        )
+    return client.load_world(available[town.removesuffix("_Opt")])
+
+
+@contextlib.contextmanager
+def synchronous(client: Any, world: Any, options: CarlaOptions) -> Iterator[Any]:
+    """Synchronous mode with a fixed step, the traffic manager in step; restored on exit."""
+    original = world.get_settings()
+    settings = world.get_settings()
+    settings.synchronous_mode = True
+    settings.fixed_delta_seconds = options.fixed_delta
+    traffic = client.get_trafficmanager()
+    try:
+        world.apply_settings(settings)
+        traffic.set_synchronous_mode(True)
+        traffic.set_random_device_seed(options.seed)
+        world.set_pedestrians_seed(options.seed)
+        yield traffic
+    finally:
+        traffic.set_synchronous_mode(False)
+        world.apply_settings(original)
+
+
+@contextlib.contextmanager
+def scene(client: Any, world: Any, traffic: Any, options: CarlaOptions) -> Iterator[_Scene]:
+    """Ego vehicle with cameras, plus seeded traffic; all destroyed on exit."""
+    import carla
+
+    built = _Scene()
+    try:
+        _spawn(world, traffic, options, built, carla)
+        yield built
+    finally:
+        for rgb, instance in built.sensors.values():
+            rgb.stop()
+            instance.stop()
+        for controller in built.controllers:
+            controller.stop()
+        client.apply_batch_sync([carla.command.DestroyActor(a) for a in built.actors])
+
+
+def _spawn(world: Any, traffic: Any, options: CarlaOptions, built: _Scene, carla: Any) -> None:
+    rng = random.Random(options.seed)
+    library = world.get_blueprint_library()
+    points = world.get_map().get_spawn_points()
+    rng.shuffle(points)
+    ego_bp = library.find("vehicle.tesla.model3")
+    ego_bp.set_attribute("role_name", options.role_name)
+    built.ego = next((world.try_spawn_actor(ego_bp, p) for p in points[:10] if p), None)
+    if built.ego is None:
+        raise CarlaError("could not spawn the ego vehicle at any of 10 spawn points")
+    built.actors.append(built.ego)
+    for name in options.cameras:
+        built.sensors[name] = tuple(
+            _camera(world, library, kind, name, options, built, carla)
+            for kind in ("sensor.camera.rgb", "sensor.camera.instance_segmentation")
+        )
+    built.ego.set_autopilot(True, traffic.get_port())
+    vehicle_bps = library.filter("vehicle.*")
+    for point in points[1 : 1 + options.vehicles]:
+        vehicle = world.try_spawn_actor(rng.choice(vehicle_bps), point)
+        if vehicle is not None:
+            vehicle.set_autopilot(True, traffic.get_port())
+            built.actors.append(vehicle)
+    _spawn_walkers(world, library, options.walkers, rng, built, carla)
+
+
+def _camera(
+    world: Any, library: Any, kind: str, name: str, options: CarlaOptions, built: _Scene, carla: Any
+) -> Any:
+    if name not in CAMERA_POSES:
+        raise CarlaError(f"camera {name!r}: known mountings are {', '.join(CAMERA_POSES)}")
+    x, y, z, yaw = CAMERA_POSES[name]
+    blueprint = library.find(kind)
+    blueprint.set_attribute("image_size_x", str(options.width))
+    blueprint.set_attribute("image_size_y", str(options.height))
+    blueprint.set_attribute("fov", str(options.fov))
+    pose = carla.Transform(carla.Location(x=x, y=y, z=z), carla.Rotation(yaw=yaw))
+    sensor = world.spawn_actor(blueprint, pose, attach_to=built.ego)
+    built.actors.insert(0, sensor)  # sensors go first when destroying
+    built.images[sensor.id] = queue.Queue()
+    sensor.listen(built.images[sensor.id].put)
+    return sensor
+
+
+def _spawn_walkers(
+    world: Any, library: Any, count: int, rng: random.Random, built: _Scene, carla: Any
+) -> None:
+    walker_bps = library.filter("walker.pedestrian.*")
+    controller_bp = library.find("controller.ai.walker")
+    for _ in range(count):
+        location = world.get_random_location_from_navigation()
+        if location is None:
+            continue
+        walker = world.try_spawn_actor(rng.choice(walker_bps), carla.Transform(location))
+        if walker is None:
+            continue
+        controller = world.spawn_actor(controller_bp, carla.Transform(), attach_to=walker)
+        built.actors.extend([controller, walker])
+        built.controllers.append(controller)
+    world.tick()  # controllers need one tick before they take orders
+    for controller in built.controllers:
+        controller.start()
+        controller.go_to_location(world.get_random_location_from_navigation())
+        controller.set_max_speed(1.4)
+
+
+def _image(built: _Scene, sensor: Any, frame: int) -> np.ndarray:
+    """The sensor's BGRA image of simulation frame `frame` (older frames are skipped)."""
+    deadline = time.monotonic() + SENSOR_WAIT_S
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            image = built.images[sensor.id].get(timeout=max(remaining, 0.001))
+        except queue.Empty as exc:
+            raise CarlaError(f"sensor {sensor.type_id} sent no image for frame {frame}") from exc
+        if image.frame == frame:
+            return np.frombuffer(image.raw_data, np.uint8).reshape(image.height, image.width, 4)
+
+
+def ground_truth(
+    world: Any, camera: Any, ids: np.ndarray, labels: Sequence[str], options: CarlaOptions
+) -> Detections:
+    """Visible actors' boxes in this camera, as detections of the model's class indices."""
+    world_to_camera = np.array(camera.get_transform().get_inverse_matrix())
+    matrix = intrinsics(options.width, options.height, options.fov)
+    boxes, classes = [], []
+    for actor in world.get_actors():
+        name = coco_class(actor.type_id, actor.attributes.get("base_type", ""))
+        if name is None or name not in labels:
+            continue
+        box = actor.bounding_box
+        center = np.array([box.location.x, box.location.y, box.location.z])
+        extent = np.array([box.extent.x, box.extent.y, box.extent.z])
+        corners = box_corners(center, extent, np.array(actor.get_transform().get_matrix()))
+        projected = project_box(corners, world_to_camera, matrix, options.width, options.height)
+        if projected is None:
+            continue
+        if visible_pixels(ids, actor.id, projected) < options.min_visible_pixels:
+            continue
+        boxes.append(projected)
+        classes.append(labels.index(name))
+    if not boxes:
+        return Detections.empty()
+    return Detections(
+        np.asarray(boxes, np.float32),
+        np.ones(len(boxes), np.float32),
+        np.asarray(classes, np.int64),
+    )
+
+
+def run(options: CarlaOptions, detector: Detector, recorder: Any | None = None) -> dict[str, Any]:
+    """Simulate `options.frames` steps; returns mAP per class against CARLA's ground truth."""
+    client = connect(options)
+    world = load_town(client, options.town)
+    evaluator = CocoEvaluator(detector.labels)
+    latencies: list[float] = []
+    with (
+        synchronous(client, world, options) as traffic,
+        scene(client, world, traffic, options) as built,
+    ):
+        for _ in range(options.frames):
+            frame = world.tick()
+            stamp = world.get_snapshot().timestamp.elapsed_seconds
+            for name, (rgb, instance) in built.sensors.items():
+                image = np.ascontiguousarray(_image(built, rgb, frame)[..., :3])
+                ids = instance_ids(_image(built, instance, frame))
+                truth = ground_truth(world, instance, ids, detector.labels, options)
+                result = detector.detect(image, name=f"carla {name} frame {frame}")
+                latencies.append(result.latency_ms.total)
+                evaluator.add(
+                    f"{name}/{frame}", options.width, options.height, truth, result.detections
+                )
+                if recorder is not None:
+                    recorder.record(name, stamp, image, truth, result.detections)
+    result = evaluator.result().to_dict()
+    result["latency_ms_p50"] = float(np.percentile(latencies, 50)) if latencies else None
+    result["cameras"] = list(options.cameras)
+    return result
