@@ -245,13 +245,7 @@ def ground_truth(
             continue
         boxes.append(projected)
         classes.append(labels.index(name))
-    if not boxes:
-        return Detections.empty()
-    return Detections(
-        np.asarray(boxes, np.float32),
-        np.ones(len(boxes), np.float32),
-        np.asarray(classes, np.int64),
-    )
+    return Detections.ground_truth(boxes, classes)
 
 
 def run(options: CarlaOptions, detector: Detector, recorder: Any | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from compressed_perception.errors import ConfigError, ImageError, PerceptionError
+from compressed_perception.errors import ImageError, PerceptionError
 from compressed_perception.evaluation import CocoEvaluator, agreement, load_coco_ground_truth
 from compressed_perception.replay.bag import (
     BagError,
@@ -41,7 +41,7 @@ from compressed_perception.ros.convert import (
 from compressed_perception.ros.messages import COMPRESSED_IMAGE, DETECTION_ARRAY, typestore
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.detector import Detector, FrameResult
-from compressed_perception.runtime.manifest import load_manifest
+from compressed_perception.runtime.manifest import Manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections, PostprocessConfig
 
 EVAL_SCORE_THRESHOLD = 0.05  # candidate detections scored for mAP go down to this score
@@ -155,7 +155,7 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     if options.reference is not None:
         metrics["agreement"] = stats.agreement(detector.labels)
     if options.ground_truth is not None:
-        metrics["ground_truth"] = stats.ground_truth(options.ground_truth, detector.labels)
+        metrics["ground_truth"] = stats.ground_truth(options.ground_truth, manifest)
     return metrics
 
 
@@ -289,13 +289,14 @@ class _Stats:
         sizes = [size for _, size, _, ref in self.evaluated if ref is not None]
         return agreement(reference, candidate, sizes, labels).to_dict()
 
-    def ground_truth(self, source: str, labels: Sequence[str]) -> dict[str, Any]:
+    def ground_truth(self, source: str, manifest: Manifest) -> dict[str, Any]:
+        labels = manifest.classes
         evaluator = CocoEvaluator(labels)
         if _is_coco_file(source):
             coco = load_coco_ground_truth(Path(source), labels)
             truth = {name: gt for name, (_, _, gt) in coco.items()}
         else:
-            truth = {k: _truth_detections(m, labels) for k, m in self.truth.items()}
+            truth = {k: _truth_detections(m, manifest) for k, m in self.truth.items()}
         matched = 0
         for key, size, found, _ in self.evaluated:
             gt = truth.get(key, truth.get(key.split("/")[-1]))
@@ -311,28 +312,15 @@ class _Stats:
         }
 
 
-def _truth_detections(message: Any, labels: Sequence[str]) -> Detections:
-    boxes, classes = [], []
+def _truth_detections(message: Any, manifest: Manifest) -> Detections:
+    """A ground-truth Detection2DArray; class_id is a label or index of the model's classes."""
+    boxes = []
     for det in message.detections:
         cx, cy = det.bbox.center.position.x, det.bbox.center.position.y
         w, h = det.bbox.size_x, det.bbox.size_y
         boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-        classes.append(_class_index(det.results[0].hypothesis.class_id, labels))
-    if not boxes:
-        return Detections.empty()
-    return Detections(
-        np.asarray(boxes, np.float32),
-        np.ones(len(boxes), np.float32),
-        np.asarray(classes, np.int64),
-    )
-
-
-def _class_index(class_id: str, labels: Sequence[str]) -> int:
-    if class_id in labels:
-        return labels.index(class_id)
-    if class_id.isdigit() and int(class_id) < len(labels):
-        return int(class_id)
-    raise ConfigError(f"ground truth class {class_id!r} is not a class of the model")
+    names = [det.results[0].hypothesis.class_id for det in message.detections]
+    return Detections.ground_truth(boxes, manifest.class_ids(names) or ())
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:

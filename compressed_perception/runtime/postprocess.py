@@ -6,6 +6,7 @@ runs once per kept box.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,17 @@ class Detections:
     @classmethod
     def empty(cls) -> Detections:
         return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    @classmethod
+    def ground_truth(cls, boxes: Sequence[Sequence[float]], class_ids: Sequence[int]) -> Detections:
+        """Labelled boxes as detections of score 1 (what the evaluator expects of truth)."""
+        if not len(boxes):
+            return cls.empty()
+        return cls(
+            np.asarray(boxes, np.float32).reshape(-1, 4),
+            np.ones(len(boxes), np.float32),
+            np.asarray(class_ids, np.int64),
+        )
 
     def where(self, keep: np.ndarray) -> Detections:
         """The detections selected by a boolean mask or index array, order kept."""
