@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from compressed_perception.carla.classes import coco_class
+from compressed_perception.carla.classes import coco_class, is_stop_sign
 from compressed_perception.carla.geometry import (
     box_corners,
     instance_ids,
     intrinsics,
     project_box,
+    semantic_pixels,
     visible_pixels,
 )
 from compressed_perception.carla.record import recording, topics
@@ -110,6 +111,17 @@ def test_instance_ids_and_visibility():
     assert ids[170, 120] == 7
     assert visible_pixels(ids, 300, np.array([90, 90, 160, 210])) == 50 * 50
     assert visible_pixels(ids, 300, np.array([0, 0, 50, 50])) == 0
+    bgra[10:20, 10:30, 2] = 12  # a semantic tag in R, e.g. a traffic sign
+    assert semantic_pixels(bgra, 12, np.array([0, 0, 25, 15])) == 5 * 15
+    assert semantic_pixels(bgra, 18, np.array([0, 0, 25, 15])) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("BP_Stop_Sign_12", True), ("SM_stopsign_3", True), ("BP_SpeedLimit_30", False)],
+)
+def test_stop_signs_by_mesh_name(name, expected):
+    assert is_stop_sign(name) is expected
 
 
 @pytest.mark.parametrize(
@@ -123,8 +135,8 @@ def test_instance_ids_and_visibility():
         ("vehicle.yamaha.yzf", "motorcycle", "motorcycle"),
         ("vehicle.gazelle.omafiets", "", "bicycle"),
         ("vehicle.audi.a2", "", "car"),
-        ("traffic.traffic_light", "", "traffic light"),
-        ("traffic.stop", "", "stop sign"),
+        ("traffic.traffic_light", "", None),  # from its light boxes instead
+        ("traffic.stop", "", None),  # a trigger volume, not the sign
         ("traffic.speed_limit.30", "", None),
         ("sensor.camera.rgb", "", None),
         ("spectator", "", None),

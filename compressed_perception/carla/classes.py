@@ -21,26 +21,26 @@ _TWO_WHEELERS = {
     "vehicle.vespa.zx125": "motorcycle",
     "vehicle.yamaha.yzf": "motorcycle",
 }
-GROUND_TRUTH_CLASSES = (
-    "person",
-    "bicycle",
-    "car",
-    "motorcycle",
-    "bus",
-    "truck",
-    "traffic light",
-    "stop sign",
-)
+
+
+TRAFFIC_LIGHT = "traffic light"
+STOP_SIGN = "stop sign"
 
 
 def coco_class(type_id: str, base_type: str = "") -> str | None:
-    """COCO class name of an actor, or None when it is not ground truth."""
+    """COCO class of an actor whose own bounding box is the object, else None.
+
+    Traffic lights and stop signs are not such actors (a traffic light actor's box spans
+    its pole, a `traffic.stop` actor is a trigger volume): they come from the light boxes
+    and the map's sign meshes instead, see `simulate.ground_truth`.
+    """
     if type_id.startswith("walker.pedestrian"):
         return "person"
     if type_id.startswith("vehicle."):
         return _VEHICLE_BASE_TYPES.get(base_type.lower()) or _TWO_WHEELERS.get(type_id, "car")
-    if type_id == "traffic.traffic_light":
-        return "traffic light"
-    if type_id == "traffic.stop":
-        return "stop sign"
     return None
+
+
+def is_stop_sign(object_name: str) -> bool:
+    """Map sign meshes are named after what they show (e.g. `..._Stop_...`)."""
+    return "stop" in object_name.lower()

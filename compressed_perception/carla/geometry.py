@@ -92,6 +92,13 @@ def instance_ids(bgra: np.ndarray) -> np.ndarray:
     return bgra[..., 1].astype(np.uint16) | (bgra[..., 0].astype(np.uint16) << 8)
 
 
+def semantic_pixels(bgra: np.ndarray, tag: int, box: np.ndarray) -> int:
+    """How many pixels inside `box` carry semantic tag `tag` (R channel): for map objects,
+    which have no actor id of their own."""
+    x1, y1, x2, y2 = (int(v) for v in np.round(box))
+    return int(np.count_nonzero(bgra[y1:y2, x1:x2, 2] == tag))
+
+
 def visible_pixels(ids: np.ndarray, actor_id: int, box: np.ndarray) -> int:
     """How many pixels inside `box` show this actor (occluded parts show something else)."""
     x1, y1, x2, y2 = (int(v) for v in np.round(box))

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from compressed_perception.carla.classes import coco_class
+from compressed_perception.carla.classes import STOP_SIGN, TRAFFIC_LIGHT, coco_class, is_stop_sign
 from compressed_perception.carla.geometry import (
     box_corners,
     instance_ids,
     intrinsics,
     project_box,
+    semantic_pixels,
     visible_pixels,
 )
 from compressed_perception.errors import PerceptionError
@@ -224,28 +225,56 @@ def _image(built: _Scene, sensor: Any, frame: int) -> np.ndarray:
 
 
 def ground_truth(
-    world: Any, camera: Any, ids: np.ndarray, labels: Sequence[str], options: CarlaOptions
+    world: Any, camera: Any, bgra: np.ndarray, labels: Sequence[str], options: CarlaOptions
 ) -> Detections:
-    """Visible actors' boxes in this camera, as detections of the model's class indices."""
+    """Visible objects' boxes in this camera, as detections of the model's class indices.
+
+    `bgra` is the instance-segmentation image taken at the camera's pose: actors are
+    visible where their id shows, map objects where their semantic tag does.
+    """
+    import carla
+
     world_to_camera = np.array(camera.get_transform().get_inverse_matrix())
     matrix = intrinsics(options.width, options.height, options.fov)
+    ids = instance_ids(bgra)
     boxes, classes = [], []
+
+    def keep(name: str, corners: np.ndarray, visible: Any) -> None:
+        if name not in labels:
+            return
+        box = project_box(corners, world_to_camera, matrix, options.width, options.height)
+        if box is not None and visible(box) >= options.min_visible_pixels:
+            boxes.append(box)
+            classes.append(labels.index(name))
+
+    light_tag = int(carla.CityObjectLabel.TrafficLight)
+    sign_tag = int(carla.CityObjectLabel.TrafficSigns)
     for actor in world.get_actors():
         name = coco_class(actor.type_id, actor.attributes.get("base_type", ""))
-        if name is None or name not in labels:
-            continue
-        box = actor.bounding_box
-        center = np.array([box.location.x, box.location.y, box.location.z])
-        extent = np.array([box.extent.x, box.extent.y, box.extent.z])
-        corners = box_corners(center, extent, np.array(actor.get_transform().get_matrix()))
-        projected = project_box(corners, world_to_camera, matrix, options.width, options.height)
-        if projected is None:
-            continue
-        if visible_pixels(ids, actor.id, projected) < options.min_visible_pixels:
-            continue
-        boxes.append(projected)
-        classes.append(labels.index(name))
+        if name is not None:
+            corners = _corners(actor.bounding_box, np.array(actor.get_transform().get_matrix()))
+            keep(name, corners, lambda b, i=actor.id: visible_pixels(ids, i, b))
+        elif actor.type_id == "traffic.traffic_light":
+            for light in actor.get_light_boxes():  # world frame, one per light housing
+                corners = _world_corners(light, carla)
+                keep(TRAFFIC_LIGHT, corners, lambda b: semantic_pixels(bgra, light_tag, b))
+    for sign in world.get_environment_objects(carla.CityObjectLabel.TrafficSigns):
+        if is_stop_sign(sign.name):
+            corners = _world_corners(sign.bounding_box, carla)
+            keep(STOP_SIGN, corners, lambda b: semantic_pixels(bgra, sign_tag, b))
     return Detections.ground_truth(boxes, classes)
+
+
+def _corners(box: Any, world_from_frame: np.ndarray) -> np.ndarray:
+    center = np.array([box.location.x, box.location.y, box.location.z])
+    extent = np.array([box.extent.x, box.extent.y, box.extent.z])
+    return box_corners(center, extent, world_from_frame)
+
+
+def _world_corners(box: Any, carla: Any) -> np.ndarray:
+    """A box given in world coordinates (location, rotation, extent)."""
+    pose = np.array(carla.Transform(box.location, box.rotation).get_matrix())
+    return box_corners(np.zeros(3), np.array([box.extent.x, box.extent.y, box.extent.z]), pose)
 
 
 def run(options: CarlaOptions, detector: Detector, recorder: Any | None = None) -> dict[str, Any]:
@@ -263,8 +292,8 @@ def run(options: CarlaOptions, detector: Detector, recorder: Any | None = None) 
             stamp = world.get_snapshot().timestamp.elapsed_seconds
             for name, (rgb, instance) in built.sensors.items():
                 image = np.ascontiguousarray(_image(built, rgb, frame)[..., :3])
-                ids = instance_ids(_image(built, instance, frame))
-                truth = ground_truth(world, instance, ids, detector.labels, options)
+                bgra = _image(built, instance, frame)
+                truth = ground_truth(world, instance, bgra, detector.labels, options)
                 result = detector.detect(image, name=f"carla {name} frame {frame}")
                 latencies.append(result.latency_ms.total)
                 evaluator.add(
