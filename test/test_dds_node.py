@@ -244,6 +244,11 @@ def test_compressed_at_30hz_latest_frame_wins(dds, frames):
         collector = Collector(participant, ["/rear/detections"])
         collector.wait_matched()
         pub = _publisher(participant, "/rear/image/compressed", COMPRESSED_IMAGE)
+        corrupt = T[COMPRESSED_IMAGE](
+            header=_header("rear", 1), format="jpeg", data=np.frombuffer(b"\xff\xd8junk", np.uint8)
+        )
+        pub.publish(corrupt)
+        time.sleep(0.3)
         messages = [_jpeg("rear", 10**9 + i * 33_333_333, frames[i % 40]) for i in range(60)]
         sent = {}
         start = time.time()
@@ -259,12 +264,15 @@ def test_compressed_at_30hz_latest_frame_wins(dds, frames):
         latencies = [collector.by_stamp[k][1] - sent[k] for k in got]
         assert max(latencies) < 1.5  # bounded: never a queue of stale frames
         values, _ = collector.last_status("/rear/image/compressed")
-        assert int(values["received"]) == len(sent)
+        assert int(values["received"]) == len(sent) + 1  # and the corrupt one
         assert int(values["dropped"]) > 0
         assert int(values["processed"]) + int(values["dropped"]) <= len(sent)
+        assert ("rear", 0, 1) not in collector.by_stamp
+        assert int(values["malformed"]) == 1
     finally:
         assert node.stop(signal.SIGTERM) == 0
     assert any("stopped" in line for line in node.log)
+    assert any("corrupt or empty 'jpeg' data" in line for line in node.log)
 
 
 def test_overload_four_cameras_at_60hz(dds, frames):

@@ -302,3 +302,26 @@ def test_workers_replay_several_bags(tmp_path, capsys, small_bag):
     for name in ("in", "second"):
         assert len(_read(out / name)) == 3
     assert stdout.count("frames 3, decode failures 0") == 2
+
+
+def test_committed_sample_bag():
+    """data/sample_bag, which make demo replays: 400 decodable frames at 10 Hz."""
+    from compressed_perception.ros.convert import compressed_to_bgr
+
+    bag = MODEL_DIR.parents[1] / "data" / "sample_bag"
+    with Reader(bag) as reader:
+        (connection,) = reader.connections
+        assert (connection.topic, connection.msgtype) == (
+            "/camera/image_raw/compressed",
+            COMPRESSED_IMAGE,
+        )
+        times = []
+        for index, (_, time, raw) in enumerate(reader.messages()):
+            times.append(time)
+            if index % 100 == 0:
+                message = STORE.deserialize_cdr(raw, COMPRESSED_IMAGE)
+                assert message.header.frame_id == "camera"
+                assert message.header.stamp.sec * 10**9 + message.header.stamp.nanosec == time
+                assert compressed_to_bgr(message).shape == (288, 384, 3)
+    assert len(times) == 400
+    assert set(np.diff(times)) == {100_000_000}
