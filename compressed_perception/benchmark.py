@@ -22,6 +22,7 @@ from compressed_perception.runtime.postprocess import PostprocessConfig
 from compressed_perception.sources import frames
 
 STAGES = ("preprocess", "inference", "postprocess", "total")
+BLOCK = 10
 PERCENTILES = (50, 90, 99)
 
 
@@ -53,22 +54,6 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES}
 
 
-def bench_detector(
-    detector: Detector, images: Sequence[np.ndarray], size: tuple[int, int], iterations: int
-) -> BenchResult:
-    """Time `iterations` detections over `images` resized to `size`, after a warm-up."""
-    resized = [cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in images]
-    for image in resized[:5]:
-        detector.detect(image)
-    results: list[FrameResult] = [
-        detector.detect(resized[i % len(resized)]) for i in range(iterations)
-    ]
-    stats = {
-        stage: percentiles([getattr(r.latency_ms, stage) for r in results]) for stage in STAGES
-    }
-    return BenchResult(detector.backend.name, size[0], size[1], iterations, stats)
-
-
 def run_bench(
     manifest: Path,
     backends: Sequence[str],
@@ -77,12 +62,36 @@ def run_bench(
     iterations: int,
     threads: int = 0,
 ) -> list[BenchResult]:
+    """The (backend, size) rows take turns in blocks of `BLOCK` frames.
+
+    Interleaving means a slow spell of a shared machine slows every row alike, so the
+    ratios between rows hold even when the absolute figures drift. Each block starts
+    with one unrecorded frame: ONNX Runtime's threads spin for a while after a run and
+    would otherwise slow the first frame of the row that follows.
+    """
     images = load_frames(source)
-    results = []
-    for backend in backends:
-        detector = Detector.open(manifest, backend, PostprocessConfig(), threads=threads)
-        results.extend(bench_detector(detector, images, size, iterations) for size in sizes)
-    return results
+    detectors = [Detector.open(manifest, b, PostprocessConfig(), threads=threads) for b in backends]
+    rows = [(d, size) for d in detectors for size in sizes]
+    inputs = {
+        size: [cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in images]
+        for size in sizes
+    }
+    samples: list[list[FrameResult]] = [[] for _ in rows]
+    for start in range(0, iterations, BLOCK):
+        for (detector, size), results in zip(rows, samples, strict=True):
+            detector.detect(inputs[size][start % len(images)])  # settles the CPU for this row
+            for index in range(start, min(start + BLOCK, iterations)):
+                results.append(detector.detect(inputs[size][index % len(images)]))
+    return [
+        BenchResult(
+            detector.backend.name,
+            size[0],
+            size[1],
+            iterations,
+            {s: percentiles([getattr(r.latency_ms, s) for r in results]) for s in STAGES},
+        )
+        for (detector, size), results in zip(rows, samples, strict=True)
+    ]
 
 
 def machine() -> dict[str, Any]:
