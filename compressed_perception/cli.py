@@ -369,8 +369,8 @@ def _node(args: argparse.Namespace) -> int:
     if args.transport == "rclpy":
         from compressed_perception.ros.node import main as rclpy_main
 
-        params = ["--ros-args", "--params-file", str(args.config)] if args.config else []
-        rclpy_main(params or None)
+        ros_args = ["--ros-args", "--params-file", str(args.config)] if args.config else []
+        rclpy_main([sys.argv[0], *ros_args])  # rcl reads argv[0] as the program name
         return 0
     from compressed_perception.ros.config import load_config
     from compressed_perception.ros.dds_node import run
