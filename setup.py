@@ -38,11 +38,12 @@ setup(
     ],
     extras_require={
         # torch==2.13.0: the CPU build this project is tested with; unpinned, pip picks a CUDA build
-        "torch": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.5"],
+        "torch": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.5", "torch-pruning~=1.6"],
         "test": [
             "torch==2.13.0",
             "onnx>=1.16",
             "onnxscript>=0.5",
+            "torch-pruning~=1.6",
             "pytest>=8",
             "hypothesis>=6.100",
             "ruff==0.17.6",
