@@ -12,6 +12,7 @@ from compressed_perception.errors import ConfigError
 from compressed_perception.models.checkpoint import load_checkpoint, save_checkpoint
 from compressed_perception.models.nanodet import DeployModel
 from compressed_perception.runtime.preprocess import Letterbox
+
 from conftest import MODEL_DIR
 
 
@@ -47,7 +48,7 @@ def test_head_outputs_and_contract_are_kept(pruned_half):
     model, _ = pruned_half
     for pred in model.head.preds:
         assert pred.out_channels == 80 + 4 * 11
-    pruned = {name: shape for name, shape in _convs(model).items()}
+    pruned = _convs(model)
     assert pruned["backbone.stem.conv"][0] == 3  # the image keeps its 3 channels
     assert all(out % 8 == 0 for name, (_, out) in pruned.items() if "preds" not in name)
     with torch.no_grad():
