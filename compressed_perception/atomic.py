@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -41,3 +43,7 @@ def _remove(path: Path) -> None:
 def write_text(dest: Path, text: str) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
+
+
+def write_json(dest: Path, payload: Any) -> None:
+    write_text(dest, json.dumps(payload, indent=2) + "\n")

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from compressed_perception.atomic import atomic_path
+from compressed_perception.atomic import atomic_path, write_json
 from compressed_perception.errors import ConfigError, ImageError, PerceptionError
 from compressed_perception.resources import default_model, find_shared, sample_frames
 from compressed_perception.runtime.annotate import annotate
@@ -304,8 +304,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows = [vars(r) for r in results]
     if args.json:
         payload = {"machine": machine(), "model": str(manifest), "results": rows}
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.json, payload)
     return 0
 
 
@@ -340,8 +339,7 @@ def _replay(args: argparse.Namespace) -> int:
         print(summarize(metrics))
     if args.metrics:
         payload = results[0] if len(results) == 1 else {"bags": results}
-        with atomic_path(args.metrics) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.metrics, payload)
     return 0
 
 
@@ -416,8 +414,7 @@ def _carla(args: argparse.Namespace) -> int:
         f"{metrics['map']}, mAP@.5 {metrics['map50']}, per class {metrics['per_class']}"
     )
     if args.metrics:
-        with atomic_path(args.metrics) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(args.metrics, metrics)
     return 0
 
 

@@ -12,7 +12,12 @@ import numpy as np
 from compressed_perception.errors import ImageError
 from compressed_perception.replay.bag import BagWriter, new_bag
 from compressed_perception.ros.convert import VisionTypes, detection_array
-from compressed_perception.ros.messages import COMPRESSED_IMAGE, DETECTION_ARRAY, typestore
+from compressed_perception.ros.messages import (
+    COMPRESSED_IMAGE,
+    DETECTION_ARRAY,
+    make_header,
+    typestore,
+)
 from compressed_perception.runtime.postprocess import Detections
 
 
@@ -47,20 +52,15 @@ class Recorder:
     ) -> None:
         stamp_ns = round(stamp_s * 1e9)
         types = self._store.types
-        header = types["std_msgs/msg/Header"](
-            stamp=types["builtin_interfaces/msg/Time"](
-                sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9
-            ),
-            frame_id=camera,
-        )
+        stamped = make_header(stamp_ns, camera)
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise ImageError(f"carla {camera}: JPEG encoding failed")
         names = self._topics[camera]
-        image_msg = types[COMPRESSED_IMAGE](header=header, format="jpeg", data=jpeg.reshape(-1))
+        image_msg = types[COMPRESSED_IMAGE](header=stamped, format="jpeg", data=jpeg.reshape(-1))
         self._writer.write(names["image"], stamp_ns, image_msg)
         for kind, detections in (("ground_truth", truth), ("detections", found)):
-            message = detection_array(self._vision, header, detections, self._labels)
+            message = detection_array(self._vision, stamped, detections, self._labels)
             self._writer.write(names[kind], stamp_ns, message)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from compressed_perception.benchmark import percentiles
 from compressed_perception.errors import ImageError, PerceptionError
 from compressed_perception.evaluation import CocoEvaluator, agreement, load_coco_ground_truth
 from compressed_perception.replay.bag import (
@@ -324,7 +325,7 @@ def _truth_detections(message: Any, manifest: Manifest) -> Detections:
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
-    return {f"p{p}": round(float(np.percentile(values, p)), 3) for p in (50, 90, 99)}
+    return {name: round(value, 3) for name, value in percentiles(values).items()}
 
 
 def replay_many(

@@ -11,7 +11,7 @@ import numpy as np
 from compressed_perception.errors import ConfigError, ImageError
 from compressed_perception.replay.bag import new_bag
 from compressed_perception.ros.convert import bgr_to_image_fields
-from compressed_perception.ros.messages import COMPRESSED_IMAGE, IMAGE, typestore
+from compressed_perception.ros.messages import COMPRESSED_IMAGE, IMAGE, make_header, typestore
 from compressed_perception.sources import read_video
 
 START_NS = 1_700_000_000 * 10**9  # a fixed epoch, so that sample bags are reproducible
@@ -50,19 +50,14 @@ def make_sample_bag(video: Path, out: Path, options: SampleOptions) -> int:
             if options.count is not None and written >= options.count:
                 break
             stamp_ns = START_NS + round(written * 1e9 / options.fps)
-            header = store.types["std_msgs/msg/Header"](
-                stamp=store.types["builtin_interfaces/msg/Time"](
-                    sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9
-                ),
-                frame_id=options.frame_id,
-            )
+            stamped = make_header(stamp_ns, options.frame_id)
             frame = _scaled(image, options.scale)
             fields = (
                 _compressed(frame, options.jpeg_quality)
                 if options.compressed
                 else bgr_to_image_fields(frame)
             )
-            writer.write(topic, stamp_ns, store.types[msgtype](header=header, **fields))
+            writer.write(topic, stamp_ns, store.types[msgtype](header=stamped, **fields))
             written += 1
         if written == 0:
             raise ConfigError(f"{video}: no frame at or after index {options.first}")

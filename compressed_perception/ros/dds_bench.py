@@ -24,7 +24,13 @@ import yaml
 
 from compressed_perception.errors import PerceptionError
 from compressed_perception.ros.dds import LOOPBACK_CONFIG, Participant, RawPublisher, RawSubscriber
-from compressed_perception.ros.messages import DETECTION_ARRAY, DIAGNOSTIC_ARRAY, IMAGE, typestore
+from compressed_perception.ros.messages import (
+    DETECTION_ARRAY,
+    DIAGNOSTIC_ARRAY,
+    IMAGE,
+    make_header,
+    typestore,
+)
 
 CAMERA = "/bench/image_raw"
 CARRY_HZ = 30
@@ -51,11 +57,8 @@ def _node_process(domain: int, model: str, backend: str, folder: Path) -> Iterat
 
 def _image(store: Any, image: np.ndarray, index: int) -> Any:
     height, width = image.shape[:2]
-    header = store.types["std_msgs/msg/Header"](
-        stamp=store.types["builtin_interfaces/msg/Time"](sec=index, nanosec=0), frame_id="bench"
-    )
     return store.types[IMAGE](
-        header=header,
+        header=make_header(index * 10**9, "bench"),
         height=height,
         width=width,
         encoding="bgr8",

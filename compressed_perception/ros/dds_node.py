@@ -22,6 +22,7 @@ from compressed_perception.ros.messages import (
     DETECTION_ARRAY,
     DIAGNOSTIC_ARRAY,
     IMAGE,
+    make_header,
     typestore,
 )
 from compressed_perception.runtime.annotate import annotate
@@ -96,17 +97,13 @@ class DdsPerceptionNode:
             self._debug[camera].publish(self._store.types[IMAGE](header=header, **fields))
 
     def publish_diagnostics(self) -> None:
-        now = time.time_ns()
-        header = self._store.types["std_msgs/msg/Header"](
-            stamp=self._store.types["builtin_interfaces/msg/Time"](
-                sec=now // 10**9, nanosec=now % 10**9
-            ),
-            frame_id="",
-        )
+        stamped = make_header(time.time_ns(), "")
         statuses = self.core.diagnostics(
             self.detector.backend.name, str(self.detector.manifest.path)
         )
-        self._diagnostics.publish(diagnostic_array(self._store.types.__getitem__, header, statuses))
+        self._diagnostics.publish(
+            diagnostic_array(self._store.types.__getitem__, stamped, statuses)
+        )
 
     def spin(self, stop: threading.Event) -> None:
         """Run until `stop` is set; diagnostics go out every `diagnostics_period` seconds."""

@@ -9,6 +9,7 @@ order follow ROS 2 Humble/Jazzy (vision_msgs 4.x) exactly: the hashes depend on 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
@@ -50,6 +51,13 @@ COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 DETECTION_ARRAY = "vision_msgs/msg/Detection2DArray"
 DIAGNOSTIC_ARRAY = "diagnostic_msgs/msg/DiagnosticArray"
 IMAGE_TYPES = (IMAGE, COMPRESSED_IMAGE)
+
+
+def make_header(stamp_ns: int, frame_id: str) -> Any:
+    """std_msgs/Header (typestore class) for a time in nanoseconds."""
+    types = typestore().types
+    stamp = types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
+    return types["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
 
 @cache

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressed_perception.atomic import write_text
+from compressed_perception.atomic import write_json
 from compressed_perception.errors import ConfigError, IntegrityError, ModelError
 
 FORMAT = "compressed_perception/manifest@1"
@@ -109,7 +109,7 @@ class Manifest:
         }
 
     def save(self) -> Path:
-        write_text(self.path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(self.path, self.to_dict())
         return self.path
 
 
