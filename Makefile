@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 CLI    := $(BIN)/compressed-perception
 OUT    := build/demo
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench build clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed-run
 	$(CLI) detect data/vtest --json $(OUT)/detections.jsonl --annotate $(OUT)/annotated
 	$(CLI) replay data/sample_bag --out $(OUT)/replay_bag --overwrite \
 		--metrics $(OUT)/replay_metrics.json
+	$(CLI) build --quick --out $(OUT)/model --no-progress
+
+build: $(VENV)/.installed-run
+	$(CLI) build --out build/model
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

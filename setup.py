@@ -7,6 +7,26 @@ from setuptools import find_packages, setup
 PACKAGE = "compressed_perception"
 SHARE = f"share/{PACKAGE}"
 MODEL = "models/nanodet_g"
+# The offline build step. torch==2.13.0: the CPU build this project is tested with
+# (unpinned, pip picks a CUDA build). ModelOpt without its [onnx] extra, which would pull
+# onnxruntime-gpu: its ONNX dependencies are listed here instead, at the versions it wants.
+BUILD = [
+    "torch==2.13.0",
+    "onnx~=1.21.0",
+    "onnxscript>=0.5",
+    "onnxslim>=0.1.76",
+    "torch-pruning~=1.6",
+    "matplotlib~=3.11",
+    "tqdm>=4.66",
+    "nvidia-modelopt~=0.47.0",
+    "cppimport",
+    "lief",
+    "ml_dtypes",
+    "onnx-graphsurgeon>=0.6.1",
+    "onnxconverter-common~=1.16.0",
+    "onnxruntime~=1.24.2",
+    "polygraphy>=0.53.4",
+]
 
 setup(
     name=PACKAGE,
@@ -22,6 +42,7 @@ setup(
             [f"{MODEL}/manifest.json", f"{MODEL}/nanodet_g.onnx", f"{MODEL}/nanodet_g.pt"],
         ),
         (f"{SHARE}/data/vtest", glob("data/vtest/*")),
+        (f"{SHARE}/data/vtest_heldout", glob("data/vtest_heldout/*")),
         (f"{SHARE}/data/sample_bag", glob("data/sample_bag/*")),
     ],
     python_requires=">=3.10",
@@ -37,13 +58,9 @@ setup(
         "rosbags>=0.10",
     ],
     extras_require={
-        # torch==2.13.0: the CPU build this project is tested with; unpinned, pip picks a CUDA build
-        "torch": ["torch==2.13.0", "onnx>=1.16", "onnxscript>=0.5", "torch-pruning~=1.6"],
+        "torch": BUILD,
         "test": [
-            "torch==2.13.0",
-            "onnx>=1.16",
-            "onnxscript>=0.5",
-            "torch-pruning~=1.6",
+            *BUILD,
             "pytest>=8",
             "hypothesis>=6.100",
             "ruff==0.17.6",
@@ -62,6 +79,7 @@ setup(
         "console_scripts": [
             "compressed-perception = compressed_perception.cli:main",
             "perception_node = compressed_perception.ros.node:main",
+            "perception_build = compressed_perception.cli:build_main",
         ],
     },
 )

@@ -71,6 +71,16 @@ def run_bench(
     """
     images = load_frames(source)
     detectors = [Detector.open(manifest, b, PostprocessConfig(), threads=threads) for b in backends]
+    return interleave(detectors, sizes, images, iterations)
+
+
+def interleave(
+    detectors: Sequence[Detector],
+    sizes: Sequence[tuple[int, int]],
+    images: Sequence[np.ndarray],
+    iterations: int,
+) -> list[BenchResult]:
+    """Every (detector, size) row timed on the same frames, rows taking turns in blocks."""
     rows = [(d, size) for d in detectors for size in sizes]
     inputs = {
         size: [cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in images]

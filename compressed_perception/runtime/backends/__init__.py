@@ -10,6 +10,12 @@ from compressed_perception.runtime.manifest import Manifest
 
 # kind -> (module, class, artifact it runs, what to install when the import fails)
 _REGISTRY = {
+    "tensorrt": (
+        "compressed_perception.runtime.backends.tensorrt",
+        "TensorRtBackend",
+        "tensorrt",
+        "pip install tensorrt pycuda",
+    ),
     "onnxruntime": (
         "compressed_perception.runtime.backends.onnxruntime",
         "OnnxRuntimeBackend",

@@ -1,0 +1,228 @@
+"""Recipe, stage cache, frame sources, quantization node choice and distillation, each alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compressed_perception.compress.cache import RECORD, StageCache
+from compressed_perception.compress.distill import DistillSettings, distill
+from compressed_perception.compress.prune import PruneSettings, prune
+from compressed_perception.compress.quantize import (
+    KeepSettings,
+    OrtSettings,
+    QdqSettings,
+    kept_nodes,
+    quantize_ort,
+)
+from compressed_perception.compress.recipe import load_recipe, parse_recipe
+from compressed_perception.datasets import DatasetError, FrameSource, load_frames
+from compressed_perception.errors import ConfigError
+from compressed_perception.models.checkpoint import load_checkpoint
+
+from conftest import FRAMES_DIR, MODEL_DIR, ROOT
+
+RECIPE = ROOT / "config" / "build.yaml"
+SAMPLE_BAG = ROOT / "data" / "sample_bag"
+
+
+def test_default_recipe_and_quick_overrides():
+    full = load_recipe(RECIPE)
+    quick = load_recipe(RECIPE, quick=True)
+    assert full.train.source == "vtest" and (full.train.start, full.train.stop) == (0, 400)
+    assert (full.evaluate.start, full.evaluate.stop) == (400, 795)
+    assert full.quantize_qdq.calibration_frames >= 300
+    assert quick.distill.steps < full.distill.steps
+    assert quick.distill.lr == full.distill.lr  # merged, not replaced
+    assert Path(quick.train.source) == RECIPE.parent / "../data/sample_bag"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"prunee": {}}, "unknown sections"),
+        ({"prune": {"ratio": 0.3, "ratoi": 1}}, "unknown keys"),
+        ({"prune": {"ratio": 1.5}}, "outside"),
+        ({"distill": {"steps": -1}}, "steps"),
+        ({"quantize_ort": {"calibration_frames": 2}}, "too few"),
+        ({"quantize_qdq": {"method": "percentile"}}, "method"),
+        ({"bench": None}, "cannot be null"),
+        ({"train": {"source": "x", "start": 5, "stop": 5}}, "select nothing"),
+        ({"source": 3}, "manifest path"),
+    ],
+)
+def test_bad_recipes_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(data, "recipe.yaml")
+
+
+def test_unreadable_recipe_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        load_recipe(bad)
+
+
+def test_null_stage_is_skipped():
+    recipe = parse_recipe({"prune": None, "distill": None}, "r")
+    assert recipe.prune is None and recipe.distill is None
+
+
+def test_cache_serves_only_identical_inputs(tmp_path):
+    cache = StageCache(tmp_path)
+    calls = []
+
+    def produce(folder: Path) -> dict[str, int]:
+        calls.append(folder)
+        (folder / "out.txt").write_text("x")
+        return {"n": len(calls)}
+
+    first = cache.run("s", {"a": 1}, produce)
+    again = cache.run("s", {"a": 1}, produce)
+    changed = cache.run("s", {"a": 2}, produce)
+    assert not first.cached and again.cached and not changed.cached
+    assert again.folder == first.folder and again.info == {"n": 1}
+    assert changed.folder != first.folder and len(calls) == 2
+    assert json.loads((first.folder / RECORD).read_text())["inputs"] == {"a": 1}
+
+
+def test_failed_stage_leaves_nothing_to_serve(tmp_path):
+    cache = StageCache(tmp_path)
+
+    def crash(folder: Path) -> dict[str, int]:
+        (folder / "half.onnx").write_text("partial")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        cache.run("s", {"a": 1}, crash)
+    assert not any(p.name.startswith("s-") for p in cache.root.iterdir())
+    result = cache.run("s", {"a": 1}, lambda folder: {"ok": True})
+    assert not result.cached
+
+
+def test_frames_from_folder_and_bag_with_ranges():
+    folder = load_frames(FrameSource(str(FRAMES_DIR), start=2, stop=10, step=3))
+    assert len(folder) == 3 and folder[0].shape == (576, 768, 3)
+    bag = load_frames(FrameSource(str(SAMPLE_BAG), start=0, stop=40, step=10))
+    assert len(bag) == 4 and bag[0].shape == (288, 384, 3) and bag[0].dtype == np.uint8
+
+
+def test_bad_frame_sources(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_frames(FrameSource(str(tmp_path / "missing")))
+    with pytest.raises(DatasetError, match="at least 300 needed"):
+        load_frames(FrameSource(str(FRAMES_DIR)), minimum=300)
+    with pytest.raises(ConfigError, match="select nothing"):
+        FrameSource("vtest", start=0, stop=10, step=0)
+
+
+def test_kept_nodes_follow_the_graph_not_the_names():
+    model = onnx.load(str(MODEL_DIR / "nanodet_g.onnx"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    kept = kept_nodes(model, KeepSettings())
+    head = [n.name for n in convs if "head.preds" in n.input[1]]
+    assert kept[0] == convs[0].name and "stem" in convs[0].input[1]
+    assert sorted(kept[1:]) == sorted(head) and len(head) == 3
+    assert kept_nodes(model, KeepSettings(first_conv=False, head_outputs=False)) == []
+    with pytest.raises(ConfigError, match="matches no node"):
+        kept_nodes(model, KeepSettings(nodes=("no_such_node",)))
+
+
+def test_quantize_refuses_too_little_calibration(tmp_path):
+    source = MODEL_DIR / "nanodet_g.onnx"
+    few = np.zeros((4, 416, 416, 3), np.uint8)
+    with pytest.raises(ConfigError, match="4 frames given"):
+        quantize_ort(source, tmp_path / "m.onnx", few, OrtSettings(calibration_frames=8))
+    with pytest.raises(ConfigError, match="uint8"):
+        quantize_ort(source, tmp_path / "m.onnx", few.astype(np.float32), OrtSettings())
+    assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ConfigError, match="high_precision"):
+        QdqSettings(high_precision="int4")
+
+
+def test_distillation_moves_the_student_toward_the_teacher(frames):
+    teacher = load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+    student = load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+    prune(student, PruneSettings(ratio=0.5))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    settings = DistillSettings(steps=6, batch=1, lr=5e-4, warmup=1)
+    report = distill(student, teacher, frames[:4], settings)
+    assert len(report.losses) == 6 and all(np.isfinite(report.losses))
+    assert set(report.parts) == {"class", "box", "feature"}
+    assert report.losses[-1] < report.losses[0]
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch": 0}, "batch"),
+        ({"lr": 0}, "lr"),
+        ({"scale": (1.2, 0.8)}, "scale"),
+        ({"colour": 1.5}, "colour"),
+    ],
+)
+def test_bad_distill_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillSettings(**settings)
+
+
+def test_distill_needs_frames():
+    model = load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+    with pytest.raises(ConfigError, match="no training frames"):
+        distill(model, model, [], DistillSettings(steps=1))
+
+
+def _measurement(stage, backend, p50, accuracy=None, size=1000):
+    from compressed_perception.compress.report import Measurement
+
+    return Measurement(stage, backend, None, None, size, {"p50": p50, "p99": p50}, accuracy, "")
+
+
+def test_targets_explain_what_fell_short():
+    from compressed_perception.compress.measure import best_cpu_artifact, curve, targets
+
+    rows = [
+        _measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}, size=4000),
+        _measurement("fp32", "torch", 150.0),
+        _measurement("distilled", "onnxruntime", 50.0, {"map": 0.4, "map50": 0.5}, size=2000),
+        _measurement("ort-int8", "onnxruntime", 52.0, {"map": 0.38, "map50": 0.49}, size=500),
+        _measurement("ort-int8-unpruned", "onnxruntime", 105.0, {"map": 0.95, "map50": 0.98}),
+        _measurement("qdq-int8", "onnxruntime", 60.0, {"map": 0.39, "map50": 0.5}),
+    ]
+    found = {t.name: t for t in targets(rows, 1000.0, quick=False)}
+    latency = found["CPU artifact latency / ORT FP32"]
+    assert latency.measured == 0.52 and latency.met is False
+    assert "INT8 alone runs at 1.05x" in latency.explanation
+    assert "pruning alone at 0.50x" in latency.explanation
+    assert found["CPU artifact latency / PyTorch FP32"].measured == pytest.approx(0.347)
+    accuracy = found["CPU artifact agreement mAP"]
+    assert accuracy.met is False and "student reaches mAP 0.40" in accuracy.explanation
+    size = found["CPU artifact file / FP32 ONNX"]
+    assert size.measured == 0.125 and size.met and size.explanation == ""
+    assert found["build seconds (from scratch)"].met
+    # nothing fast enough is accurate enough: the vehicle gets the FP32 model
+    assert best_cpu_artifact(rows).stage == "fp32"
+    points = curve(rows, 0.3)
+    assert [p["prune ratio"] for p in points] == [0.0, 0.3]
+    assert points[1]["map"] == 0.38 and points[0]["latency_p50"] == 105.0
+
+
+def test_best_artifact_is_the_fastest_accurate_one():
+    from compressed_perception.compress.measure import best_cpu_artifact
+
+    rows = [
+        _measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}),
+        _measurement("ort-int8", "onnxruntime", 30.0, {"map": 0.8, "map50": 0.92}),
+        _measurement("qdq-int8", "onnxruntime", 20.0, {"map": 0.9, "map50": 0.95}),
+    ]
+    assert best_cpu_artifact(rows).stage == "ort-int8"  # Q/DQ is for TensorRT, not CPUs
