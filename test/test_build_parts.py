@@ -226,3 +226,62 @@ def test_best_artifact_is_the_fastest_accurate_one():
         _measurement("qdq-int8", "onnxruntime", 20.0, {"map": 0.9, "map50": 0.95}),
     ]
     assert best_cpu_artifact(rows).stage == "ort-int8"  # Q/DQ is for TensorRT, not CPUs
+
+
+def _coco_file(tmp_path, frame_paths, boxes):
+    images = [
+        {"id": i + 1, "file_name": p.name, "width": 768, "height": 576}
+        for i, p in enumerate(frame_paths)
+    ]
+    annotations = [
+        {"id": j + 1, "image_id": 1 + i, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1]}
+        for j, (i, (x1, y1, x2, y2)) in enumerate(boxes)
+    ]
+    path = tmp_path / "labels.json"
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "person"}],
+            }
+        )
+    )
+    return path
+
+
+def test_labelled_data_gives_real_map(tmp_path, frame_paths, frames, manifest_path):
+    from compressed_perception.compress.measure import Candidate, load_labelled, measure
+    from compressed_perception.compress.recipe import BenchSettings, LabelSettings
+    from compressed_perception.runtime.detector import Detector
+    from compressed_perception.runtime.manifest import load_manifest
+
+    detector = Detector.open(manifest_path, "onnxruntime")
+    boxes = [
+        (i, tuple(box))
+        for i, frame in enumerate(frames[:3])
+        for box, cls in zip(
+            detector.detect(frame).detections.boxes.tolist(),
+            detector.detect(frame).detections.class_ids.tolist(),
+            strict=True,
+        )
+        if cls == 0
+    ]
+    coco = _coco_file(tmp_path, frame_paths[:3], boxes)
+    manifest = load_manifest(manifest_path)
+    labelled = load_labelled(LabelSettings(str(coco), str(FRAMES_DIR)), manifest.classes)
+    assert len(labelled) == 3 and len(labelled[0][1].boxes) > 0
+    rows = measure(
+        [Candidate("fp32", manifest_path, None, None)],
+        manifest,
+        frames[:5],
+        BenchSettings(iterations=1),
+        tmp_path,
+        progress=False,
+        labelled=labelled,
+    )
+    ort = next(m for m in rows if m.backend == "onnxruntime")
+    # labels made from this model's own person boxes: it finds them all
+    assert ort.accuracy["labelled_map50"] > 0.95 and ort.accuracy["map"] == 1.0
+    with pytest.raises(DatasetError, match=r"labels\.json not found"):
+        load_labelled(LabelSettings(str(coco), str(tmp_path)), manifest.classes)

@@ -29,6 +29,7 @@ from compressed_perception.compress.measure import (
     Candidate,
     best_cpu_artifact,
     curve,
+    load_labelled,
     measure,
     targets,
 )
@@ -99,11 +100,14 @@ def build(
     source = load_manifest(Path(recipe.source) if recipe.source else default_model())
     state = _Build(recipe, source, StageCache(out), log, progress)
     eval_frames = load_frames(recipe.evaluate, minimum=MIN_EVAL_FRAMES)
+    labelled = load_labelled(recipe.labels, source.classes) if recipe.labels else []
     candidates = [Candidate("fp32", source.path, *_counts(source))]
     student = _compress(state, candidates)
     _quantize(state, candidates, student)
     log(f"[measure] {len(candidates)} artifacts on {len(eval_frames)} held-out frames")
-    measurements = measure(candidates, source, eval_frames, recipe.bench, out, progress)
+    measurements = measure(
+        candidates, source, eval_frames, recipe.bench, out, progress, labelled=labelled
+    )
     # what a build from scratch takes: cached stages count with their recorded time
     seconds = time.perf_counter() - started
     seconds += sum(r.seconds for r in state.stages.values() if r.cached)

@@ -16,13 +16,15 @@ import numpy as np
 from tqdm import tqdm
 
 from compressed_perception.benchmark import interleave
-from compressed_perception.compress.recipe import BenchSettings
+from compressed_perception.compress.recipe import BenchSettings, LabelSettings
 from compressed_perception.compress.report import Measurement, Target
-from compressed_perception.evaluation.coco import agreement
+from compressed_perception.datasets import DatasetError
+from compressed_perception.evaluation.coco import CocoEvaluator, agreement, load_coco_ground_truth
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.manifest import Manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections, PostprocessConfig
+from compressed_perception.sources import read_image
 
 CANDIDATE_THRESHOLD = 0.05  # the candidate's whole precision-recall curve is scored
 CPU_ARTIFACT = "ort-int8"
@@ -50,8 +52,12 @@ def measure(
     bench: BenchSettings,
     out: Path,
     progress: bool = True,
+    labelled: Sequence[tuple[np.ndarray, Detections]] = (),
 ) -> list[Measurement]:
-    """One Measurement per (artifact, backend), plus the FP32 original under PyTorch."""
+    """One Measurement per (artifact, backend), plus the FP32 original under PyTorch.
+
+    With `labelled` (image, ground truth) pairs, each artifact's real mAP is measured too.
+    """
     config = PostprocessConfig(score_threshold=CANDIDATE_THRESHOLD)
     rows = [(c, _backend(c)) for c in candidates]
     if "torch" in reference.artifacts:
@@ -68,6 +74,8 @@ def measure(
         found = _detect_all(detector, frames, candidate.stage, progress)
         result = agreement(expected, found, sizes, reference.classes)
         accuracy[candidate.stage] = {"map": round(result.map, 4), "map50": round(result.map50, 4)}
+        if labelled:
+            accuracy[candidate.stage].update(_labelled_map(detector, labelled, reference.classes))
     # latency at the runtime's own score threshold: a low one would time NMS, not the model
     runtime = [Detector(m, b) for m, b in zip(manifests, backends, strict=True)]
     timings = interleave(runtime, [(bench.width, bench.height)], frames, bench.iterations)
@@ -84,6 +92,39 @@ def measure(
         )
         for (candidate, backend), timing in zip(rows, timings, strict=True)
     ]
+
+
+def load_labelled(
+    labels: LabelSettings, classes: Sequence[str]
+) -> list[tuple[np.ndarray, Detections]]:
+    """(image, ground truth) for every image of a COCO JSON, read from `labels.images`."""
+    truth = load_coco_ground_truth(Path(labels.coco), classes)
+    if not truth:
+        raise DatasetError(f"{labels.coco}: no images in the labelled set")
+    pairs = []
+    for name, (width, height, boxes) in sorted(truth.items()):
+        path = Path(labels.images) / name
+        if not path.is_file():
+            raise DatasetError(f"{path}: image named in {labels.coco} not found")
+        image = read_image(path)
+        if image.shape[:2] != (height, width):
+            raise DatasetError(
+                f"{path}: {image.shape[1]}x{image.shape[0]}, but "
+                f"{labels.coco} says {width}x{height}"
+            )
+        pairs.append((image, boxes))
+    return pairs
+
+
+def _labelled_map(
+    detector: Detector, labelled: Sequence[tuple[np.ndarray, Detections]], classes: Sequence[str]
+) -> dict[str, float]:
+    evaluator = CocoEvaluator(classes)
+    for index, (image, truth) in enumerate(labelled):
+        found = detector.detect(image, f"labelled image {index}").detections
+        evaluator.add(index, image.shape[1], image.shape[0], truth, found)
+    result = evaluator.result()
+    return {"labelled_map": round(result.map, 4), "labelled_map50": round(result.map50, 4)}
 
 
 def _backend(candidate: Candidate) -> str:

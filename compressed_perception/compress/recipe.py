@@ -32,6 +32,7 @@ SECTIONS = (
     "quantize_ort",
     "tensorrt",
     "bench",
+    "labels",
     "quick",
 )
 
@@ -53,6 +54,18 @@ class BenchSettings:
 
 
 @dataclass(frozen=True)
+class LabelSettings:
+    """A labelled set (COCO JSON, categories matched by name) for real mAP beside agreement."""
+
+    coco: str
+    images: str  # folder holding the JSON's `file_name`s
+
+    def __post_init__(self) -> None:
+        if not self.coco or not self.images:
+            raise ConfigError("labels: both coco (a COCO JSON) and images (a folder) are needed")
+
+
+@dataclass(frozen=True)
 class Recipe:
     source: str = ""  # model manifest; "" is the packaged FP32 NanoDet-g
     train: FrameSource = field(
@@ -68,6 +81,7 @@ class Recipe:
     quantize_ort: OrtSettings | None = field(default_factory=OrtSettings)
     tensorrt: EngineSettings | None = field(default_factory=EngineSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
+    labels: LabelSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,8 +100,9 @@ _TYPES: dict[str, type] = {
     "quantize_ort": OrtSettings,
     "tensorrt": EngineSettings,
     "bench": BenchSettings,
+    "labels": LabelSettings,
 }
-OPTIONAL = ("prune", "distill", "quantize_qdq", "quantize_ort", "tensorrt")
+OPTIONAL = ("prune", "distill", "quantize_qdq", "quantize_ort", "tensorrt", "labels")
 
 
 def load_recipe(path: Path, quick: bool = False) -> Recipe:
@@ -126,8 +141,12 @@ def _resolve(recipe: Recipe, base: Path) -> Recipe:
     def path(text: str) -> str:
         return text if text in ("", VTEST) or Path(text).is_absolute() else str(base / text)
 
+    labels = recipe.labels
+    if labels is not None:
+        labels = LabelSettings(coco=path(labels.coco), images=path(labels.images))
     return dataclasses.replace(
         recipe,
+        labels=labels,
         source=path(recipe.source),
         train=dataclasses.replace(recipe.train, source=path(recipe.train.source)),
         evaluate=dataclasses.replace(recipe.evaluate, source=path(recipe.evaluate.source)),

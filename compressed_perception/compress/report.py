@@ -217,8 +217,13 @@ def _measurements_section(measurements: Sequence[Measurement]) -> str:
     columns += [
         ("mAP", lambda m: _fmt(_accuracy(m, "map"), 3)),
         ("mAP@.5", lambda m: _fmt(_accuracy(m, "map50"), 3)),
-        ("file", lambda m: f"`{m.path}`"),
     ]
+    if any(_accuracy(m, "labelled_map") is not None for m in measurements):
+        columns += [
+            ("labelled mAP", lambda m: _fmt(_accuracy(m, "labelled_map"), 3)),
+            ("labelled mAP@.5", lambda m: _fmt(_accuracy(m, "labelled_map50"), 3)),
+        ]
+    columns.append(("file", lambda m: f"`{m.path}`"))
     rows = [[cell(m) for _, cell in columns] for m in measurements]
     return "## Measurements\n\n" + _table([name for name, _ in columns], rows)
 
