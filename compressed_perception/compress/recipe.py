@@ -46,7 +46,7 @@ class ExportSettings:
 class BenchSettings:
     width: int = 640
     height: int = 480
-    iterations: int = 40
+    iterations: int = 150
 
     def __post_init__(self) -> None:
         if self.width < 32 or self.height < 32 or self.iterations < 1:
