@@ -285,3 +285,8 @@ def test_labelled_data_gives_real_map(tmp_path, frame_paths, frames, manifest_pa
     assert ort.accuracy["labelled_map50"] > 0.95 and ort.accuracy["map"] == 1.0
     with pytest.raises(DatasetError, match=r"labels\.json not found"):
         load_labelled(LabelSettings(str(coco), str(tmp_path)), manifest.classes)
+
+
+def test_quick_section_cannot_nest():
+    with pytest.raises(ConfigError, match=r"quick: unknown sections \['quick'\]"):
+        parse_recipe({"quick": {"quick": {}}}, "recipe.yaml", quick=True)

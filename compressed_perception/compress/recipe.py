@@ -154,7 +154,7 @@ def _resolve(recipe: Recipe, base: Path) -> Recipe:
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
-    unknown = set(overrides) - set(SECTIONS) - {"quick"}
+    unknown = set(overrides) - (set(SECTIONS) - {"quick"})
     if unknown:
         raise ConfigError(f"{where}: unknown sections {sorted(unknown)}")
     merged = dict(base)
