@@ -17,9 +17,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from compressed_perception import datasets
 from compressed_perception.runtime.detector import Detector, FrameResult
 from compressed_perception.runtime.postprocess import PostprocessConfig
-from compressed_perception.sources import frames
 
 STAGES = ("preprocess", "inference", "postprocess", "total")
 BLOCK = 10
@@ -47,7 +47,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def load_frames(source: Path, limit: int = 40) -> list[np.ndarray]:
-    return [frame.image for _, frame in zip(range(limit), frames([source]), strict=False)]
+    """The first `limit` frames of an image, video, folder or bag."""
+    return datasets.load_frames(datasets.FrameSource(str(source), stop=limit))
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:

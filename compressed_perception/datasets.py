@@ -7,6 +7,7 @@ trains, calibrates and evaluates on byte-identical frames.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -87,27 +88,26 @@ def _fetch_deb_member(work: Path) -> Path:
                 f"vtest: {tool} not found; fetching {VTEST_PACKAGE} needs a Debian-based "
                 f"machine, or give a video file as the frame source"
             )
-    for argv in (
-        ["apt-get", "download", VTEST_PACKAGE],
-        ["dpkg-deb", "-x", "PACKAGE", "root"],
-    ):
-        if argv[0] == "dpkg-deb":
-            argv[2] = str(next(work.glob(f"{VTEST_PACKAGE}_*.deb")))
-        done = subprocess.run(argv, cwd=work, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise DatasetError(
-                f"vtest: `{' '.join(argv)}` failed ({done.returncode}): "
-                f"{done.stderr.strip()[-300:]}"
-            )
+    _run(["apt-get", "download", VTEST_PACKAGE], work)
+    package = next(work.glob(f"{VTEST_PACKAGE}_*.deb"))
+    _run(["dpkg-deb", "-x", str(package), "root"], work)
     member = work / "root" / VTEST_MEMBER
     if not member.is_file():
         raise DatasetError(f"{VTEST_PACKAGE}: no {VTEST_MEMBER} in the package")
     return member
 
 
+def _run(argv: list[str], cwd: Path) -> None:
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise DatasetError(
+            f"vtest: `{' '.join(argv)}` failed ({done.returncode}): {done.stderr.strip()[-300:]}"
+        )
+
+
 def load_frames(spec: FrameSource, minimum: int = 1, cache: Path | None = None) -> list[np.ndarray]:
     """The selected BGR frames, in order; fewer than `minimum` is an error naming the source."""
-    images = list(_select(spec, _iterate(spec, cache)))
+    images = list(itertools.islice(_iterate(spec, cache), spec.start, spec.stop, spec.step))
     if len(images) < minimum:
         raise DatasetError(
             f"{_describe(spec)}: {len(images)} frames selected, at least {minimum} needed"
@@ -126,14 +126,6 @@ def _iterate(spec: FrameSource, cache: Path | None) -> Iterator[np.ndarray]:
         yield from _bag_images(path, spec.topic)
         return
     yield from (frame.image for frame in frames([path]))
-
-
-def _select(spec: FrameSource, images: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    for index, image in enumerate(images):
-        if spec.stop is not None and index >= spec.stop:
-            return
-        if index >= spec.start and (index - spec.start) % spec.step == 0:
-            yield image
 
 
 def _bag_images(path: Path, topic: str | None) -> Iterator[np.ndarray]:

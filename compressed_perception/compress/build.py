@@ -34,7 +34,7 @@ from compressed_perception.compress.measure import (
     targets,
 )
 from compressed_perception.compress.prune import prune
-from compressed_perception.compress.quantize import OrtSettings, quantize_ort, quantize_qdq
+from compressed_perception.compress.quantize import quantize_ort, quantize_qdq
 from compressed_perception.compress.recipe import Recipe
 from compressed_perception.compress.report import Report, plot_losses, write_report
 from compressed_perception.compress.tensorrt import build_engine, tensorrt_available
@@ -43,7 +43,12 @@ from compressed_perception.errors import ModelError
 from compressed_perception.models.checkpoint import load_checkpoint, save_checkpoint
 from compressed_perception.models.nanodet import NanoDet
 from compressed_perception.resources import default_model
-from compressed_perception.runtime.manifest import Manifest, create_manifest, load_manifest
+from compressed_perception.runtime.manifest import (
+    Manifest,
+    TensorSpec,
+    create_manifest,
+    load_manifest,
+)
 from compressed_perception.runtime.preprocess import Letterbox
 
 Log = Callable[[str], None]
@@ -101,9 +106,10 @@ def build(
     state = _Build(recipe, source, StageCache(out), log, progress)
     eval_frames = load_frames(recipe.evaluate, minimum=MIN_EVAL_FRAMES)
     labelled = load_labelled(recipe.labels, source.classes) if recipe.labels else []
-    candidates = [Candidate("fp32", source.path, *_counts(source))]
-    student = _compress(state, candidates)
-    _quantize(state, candidates, student)
+    original = _model(source, str(source.checksums))
+    candidates = [original.candidate("fp32")]
+    student = _compress(state, candidates, original)
+    _quantize(state, candidates, student, original)
     log(f"[measure] {len(candidates)} artifacts on {len(eval_frames)} held-out frames")
     measurements = measure(
         candidates, source, eval_frames, recipe.bench, out, progress, labelled=labelled
@@ -136,15 +142,36 @@ def build(
     return files
 
 
-def _compress(state: _Build, candidates: list[Candidate]) -> tuple[Manifest, str]:
-    """Prune then distill; returns the FP32 student (or the source when both are off)."""
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """A model the build starts from or made: manifest, stage key, and its size counted once."""
+
+    manifest: Manifest
+    key: str
+    params: int | None
+    macs: int | None
+
+    def candidate(self, stage: str, manifest: Path | None = None) -> Candidate:
+        """A row to measure: this model, or a file made from it (same params and MACs)."""
+        return Candidate(stage, manifest or self.manifest.path, self.params, self.macs)
+
+
+def _model(manifest: Manifest, key: str) -> _Model:
+    return _Model(manifest, key, *_counts(manifest))
+
+
+def _compress(state: _Build, candidates: list[Candidate], original: _Model) -> _Model:
+    """Prune then distill; returns the FP32 student (the original when both are off)."""
     recipe, source = state.recipe, state.source
-    parent = {"source": source.checksums}
-    current, key = source, ""
+    current = original
     if recipe.prune is not None:
         settings = recipe.prune
         taylor = settings.importance == "taylor"
-        inputs = {**parent, "prune": dataclasses.asdict(settings), "export": _export(recipe)}
+        inputs = {
+            "source": source.checksums,
+            "prune": dataclasses.asdict(settings),
+            "export": _export(recipe),
+        }
         if taylor:
             inputs["train"] = dataclasses.asdict(recipe.train)
 
@@ -156,17 +183,17 @@ def _compress(state: _Build, candidates: list[Candidate]) -> tuple[Manifest, str
             return report.to_dict()
 
         result = state.stage("prune", inputs, produce_pruned)
-        current, key = load_manifest(result.folder), result.key
-        candidates.append(Candidate("pruned", current.path, *_counts(current)))
+        current = _model(load_manifest(result.folder), result.key)
+        candidates.append(current.candidate("pruned"))
     if recipe.distill is not None:
         settings_d = recipe.distill
         inputs = {
-            "parent": key or source.checksums,
+            "parent": current.key if current is not original else source.checksums,
             "distill": dataclasses.asdict(settings_d),
             "train": dataclasses.asdict(recipe.train),
             "export": _export(recipe),
         }
-        parent_manifest = current
+        parent_manifest = current.manifest
 
         def produce_distilled(folder: Path) -> dict[str, Any]:
             student = load_checkpoint(parent_manifest.artifact("torch"))
@@ -181,69 +208,74 @@ def _compress(state: _Build, candidates: list[Candidate]) -> tuple[Manifest, str
             return {"steps": settings_d.steps, "final_loss": round(float(np.mean(tail)), 5)}
 
         result = state.stage("distill", inputs, produce_distilled)
-        current, key = load_manifest(result.folder), result.key
-        candidates.append(Candidate("distilled", current.path, *_counts(current)))
-    return current, key or str(source.checksums)
+        current = _model(load_manifest(result.folder), result.key)
+        candidates.append(current.candidate("distilled"))
+    return current
 
 
-def _quantize(state: _Build, candidates: list[Candidate], student: tuple[Manifest, str]) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Quantizer:
+    """One INT8 path: the recipe section that configures it and what it writes."""
+
+    section: str  # also the manifest's build stage
+    run: Callable[[Path, Path, np.ndarray, Any], list[str]]
+    precision: str
+    kept: str  # report key for the nodes left unquantized
+
+
+ORT_INT8 = _Quantizer("quantize_ort", quantize_ort, "int8", "kept_in_fp32")
+QDQ_INT8 = _Quantizer("quantize_qdq", quantize_qdq, "int8-qdq", "kept_in_high_precision")
+
+
+def _quantize(
+    state: _Build, candidates: list[Candidate], student: _Model, original: _Model
+) -> None:
     recipe = state.recipe
-    manifest, key = student
     if recipe.quantize_ort is not None:
-        variants = [(manifest, key, "ort-int8")]
-        if manifest is not state.source:  # the unpruned INT8 model: the other end of the trade-off
-            variants.append((state.source, str(state.source.checksums), "ort-int8-unpruned"))
-        for parent, parent_key, label in variants:
-            _quantize_ort(state, candidates, (parent, parent_key, label), recipe.quantize_ort)
+        variants = [(student, "ort-int8")]
+        if student is not original:  # the unpruned INT8 model: the other end of the trade-off
+            variants.append((original, "ort-int8-unpruned"))
+        for parent, label in variants:
+            result = _quantized(state, ORT_INT8, recipe.quantize_ort, parent, label)
+            candidates.append(parent.candidate(label, result.folder / MANIFEST))
     if recipe.quantize_qdq is None:
         state.skipped["tensorrt"] = "no Q/DQ model (quantize_qdq is off in the recipe)"
         return
-    settings_q = recipe.quantize_qdq
-
-    def produce_qdq(folder: Path) -> dict[str, Any]:
-        calibration = state.calibration(settings_q.calibration_frames, manifest)
-        kept = quantize_qdq(
-            manifest.artifact("onnx"), folder / "model.onnx", calibration, settings_q
-        )
-        _write_manifest(folder, {"onnx": "model.onnx"}, manifest, "int8-qdq", "quantize_qdq")
-        return {"kept_in_high_precision": kept}
-
-    inputs = {
-        "parent": key,
-        "quantize_qdq": dataclasses.asdict(settings_q),
-        "train": dataclasses.asdict(recipe.train),
-    }
-    qdq = state.stage("quantize_qdq", inputs, produce_qdq)
-    candidates.append(Candidate("qdq-int8", qdq.folder / MANIFEST, *_counts(manifest)))
-    _engine(state, candidates, qdq, manifest)
+    qdq = _quantized(state, QDQ_INT8, recipe.quantize_qdq, student, "quantize_qdq")
+    candidates.append(student.candidate("qdq-int8", qdq.folder / MANIFEST))
+    _engine(state, candidates, qdq, student)
 
 
-def _quantize_ort(
-    state: _Build,
-    candidates: list[Candidate],
-    variant: tuple[Manifest, str, str],
-    settings: OrtSettings,
-) -> None:
-    parent, key, label = variant
+def _quantized(
+    state: _Build, quantizer: _Quantizer, settings: Any, parent: _Model, stage: str
+) -> StageResult:
+    """Calibrate on training frames and quantize `parent`'s ONNX as stage `stage`."""
+    manifest = parent.manifest
 
     def produce(folder: Path) -> dict[str, Any]:
-        calibration = state.calibration(settings.calibration_frames, parent)
-        kept = quantize_ort(parent.artifact("onnx"), folder / "model.onnx", calibration, settings)
-        _write_manifest(folder, {"onnx": "model.onnx"}, parent, "int8", "quantize_ort")
-        return {"kept_in_fp32": kept}
+        calibration = state.calibration(settings.calibration_frames, manifest)
+        kept = quantizer.run(
+            manifest.artifact("onnx"), folder / "model.onnx", calibration, settings
+        )
+        _write_manifest(
+            folder,
+            {"onnx": "model.onnx"},
+            manifest,
+            name=f"{manifest.name}-{quantizer.precision}",
+            precision=quantizer.precision,
+            stage=quantizer.section,
+        )
+        return {quantizer.kept: kept}
 
     inputs = {
-        "parent": key,
-        "quantize_ort": dataclasses.asdict(settings),
+        "parent": parent.key,
+        quantizer.section: dataclasses.asdict(settings),
         "train": dataclasses.asdict(state.recipe.train),
     }
-    result = state.stage(label, inputs, produce)
-    candidates.append(Candidate(label, result.folder / MANIFEST, *_counts(parent)))
+    return state.stage(stage, inputs, produce)
 
 
-def _engine(
-    state: _Build, candidates: list[Candidate], qdq: StageResult, student: Manifest
-) -> None:
+def _engine(state: _Build, candidates: list[Candidate], qdq: StageResult, student: _Model) -> None:
     settings = state.recipe.tensorrt
     if settings is None:
         state.skipped["tensorrt"] = "off in the recipe"
@@ -274,7 +306,7 @@ def _engine(
         "device": list(device_info()),
     }
     result = state.stage("tensorrt", inputs, produce_engine)
-    candidates.append(Candidate("tensorrt", result.folder / MANIFEST, *_counts(student)))
+    candidates.append(student.candidate("tensorrt", result.folder / MANIFEST))
 
 
 def _teacher(source: Manifest) -> NanoDet:
@@ -291,32 +323,38 @@ def _write_model(
 ) -> None:
     save_checkpoint(model, folder / "model.pt")
     spec = export_onnx(model, folder / "model.onnx", dynamic_batch=recipe.export.dynamic_batch)
-    architecture = {**source.architecture, **model.config.to_dict()}
-    manifest = create_manifest(
+    _write_manifest(
         folder,
         {"onnx": "model.onnx", "torch": "model.pt"},
+        source,
         name=f"{source.name}-{stage}",
-        classes=source.classes,
         precision="fp32",
+        stage=stage,
         io=spec,
-        architecture=architecture,
-        source=_lineage(source),
-        build=_build_info(stage),
+        architecture={**source.architecture, **model.config.to_dict()},
     )
-    manifest.save()
 
 
 def _write_manifest(
-    folder: Path, artifacts: dict[str, str], parent: Manifest, precision: str, stage: str
+    folder: Path,
+    artifacts: dict[str, str],
+    parent: Manifest,
+    *,
+    name: str,
+    precision: str,
+    stage: str,
+    io: TensorSpec | None = None,
+    architecture: dict[str, Any] | None = None,
 ) -> None:
+    """The manifest of files made from `parent`: its classes and I/O unless they changed."""
     manifest = create_manifest(
         folder,
         artifacts,
-        name=f"{parent.name}-{precision}",
+        name=name,
         classes=parent.classes,
         precision=precision,
-        io=parent.io,
-        architecture=parent.architecture,
+        io=parent.io if io is None else io,
+        architecture=parent.architecture if architecture is None else architecture,
         source=_lineage(parent),
         build=_build_info(stage),
     )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressed_perception.errors import ConfigError
-from compressed_perception.models.nanodet import NanoDet
+from compressed_perception.models.nanodet import NanoDet, flatten_levels
 
 Progress = Callable[[int, int, float], None]  # step, steps, loss
 
@@ -140,8 +140,8 @@ def _losses(
         t_levels = teacher.head(t_features)
     s_features = student.neck(student.backbone(batch))
     s_levels = student.head(s_features)
-    t_cls, t_box = _flatten(t_levels)
-    s_cls, s_box = _flatten(s_levels)
+    t_cls, t_box = flatten_levels(t_levels)
+    s_cls, s_box = flatten_levels(s_levels)
     t_prob = t_cls.sigmoid()
     objectness = t_prob.amax(dim=-1)  # (B, N): how sure the teacher is of any object
     norm = objectness.sum().clamp(min=1.0)
@@ -160,13 +160,6 @@ def _losses(
         "box": settings.box_weight * (kl * objectness).sum() / norm,
         "feature": settings.feature_weight * feature / len(adapters),
     }
-
-
-def _flatten(levels: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-level maps to (B, N, C) class logits and (B, N, 4 * bins) box logits."""
-    cls = torch.cat([c.flatten(2) for c, _ in levels], dim=2).transpose(1, 2)
-    box = torch.cat([b.flatten(2) for _, b in levels], dim=2).transpose(1, 2)
-    return cls, box
 
 
 def _batch(

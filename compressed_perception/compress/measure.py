@@ -85,12 +85,12 @@ def measure(
             backend=backend,
             params=candidate.params,
             macs=candidate.macs,
-            file_bytes=_size(candidate.manifest),
+            file_bytes=_size(manifest),
             latency_ms={k: round(v, 3) for k, v in timing.stats["total"].items()},
             accuracy=None if backend == "torch" else accuracy[candidate.stage],
             path=str(_relative(candidate.manifest, out)),
         )
-        for (candidate, backend), timing in zip(rows, timings, strict=True)
+        for (candidate, backend), manifest, timing in zip(rows, manifests, timings, strict=True)
     ]
 
 
@@ -138,9 +138,8 @@ def _detect_all(
     return [detector.detect(frame, f"held-out frame {i}").detections for i, frame in enumerate(bar)]
 
 
-def _size(manifest_path: Path) -> int:
+def _size(manifest: Manifest) -> int:
     """Bytes of the file the row's backend runs (the engine, else the ONNX model)."""
-    manifest = load_manifest(manifest_path)
     kind = "tensorrt" if "tensorrt" in manifest.artifacts else "onnx"
     return (manifest.folder / manifest.artifacts[kind]).stat().st_size
 

@@ -18,6 +18,7 @@ from compressed_perception.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 FORMAT = "compressed_perception.report/1"  # lets load_report tell a report from other JSON
 FILES = {"json": "report.json", "md": "report.md", "png": "report.png"}
@@ -339,15 +340,10 @@ def _cell(text: str) -> str:
 def render_plot(report: Report, dest: Path) -> None:
     """Latency against agreement, one labelled point per measurement that has both.
 
-    matplotlib is imported here: it comes with the build's extra, and reading a report
-    or writing its Markdown must not need it. The Agg canvas keeps pyplot's global state out.
+    matplotlib is imported only when drawing: it comes with the build's extra, and reading
+    a report or writing its Markdown must not need it.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 6), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    figure, ax = _figure(8, 6)
     drawn = _plot_measurements(ax, report.measurements)
     drawn += _plot_curves(ax, report.curves)
     _plot_targets(ax, report.targets)
@@ -443,14 +439,19 @@ def _plot_title(report: Report) -> str:
     return f"Latency vs accuracy at {size} on {where}\n{machine.get('date', '')}".strip()
 
 
-def plot_losses(losses: Mapping[str, Sequence[float]], dest: Path) -> None:
-    """Distillation loss per step, total and per term, on a log scale: is it still falling?"""
+def _figure(width: float, height: float) -> tuple[Figure, Axes]:
+    """An Agg figure of its own: pyplot's global state stays out of a library."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4), dpi=100, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
+    return figure, figure.add_subplot()
+
+
+def plot_losses(losses: Mapping[str, Sequence[float]], dest: Path) -> None:
+    """Distillation loss per step, total and per term, on a log scale: is it still falling?"""
+    figure, ax = _figure(8, 4)
     for name, values in losses.items():
         ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
     ax.set_yscale("log")

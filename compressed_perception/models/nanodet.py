@@ -212,15 +212,22 @@ class DeployModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
-        levels = self.model(x)
-        logits = torch.cat([cls.flatten(2) for cls, _ in levels], dim=2).transpose(1, 2)
-        dist = torch.cat([box.flatten(2) for _, box in levels], dim=2).transpose(1, 2)
+        logits, dist = flatten_levels(self.model(x))
         batch, cells, _ = dist.shape
         dist = dist.reshape(batch, cells, 4, self.bins.numel()).softmax(dim=-1)
         distances = (dist @ self.bins) * self.cell_strides  # (B, N, 4): l, t, r, b
         lt = self.centers - distances[..., :2]
         rb = self.centers + distances[..., 2:]
         return torch.cat((lt, rb), dim=-1), logits.sigmoid()
+
+
+def flatten_levels(
+    levels: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level maps to (B, N, C) class logits and (B, N, 4 * bins) box logits, stride 8 first."""
+    cls = torch.cat([c.flatten(2) for c, _ in levels], dim=2).transpose(1, 2)
+    box = torch.cat([b.flatten(2) for _, b in levels], dim=2).transpose(1, 2)
+    return cls, box
 
 
 def _cell_centers(config: NanoDetConfig) -> torch.Tensor:
