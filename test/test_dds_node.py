@@ -42,11 +42,26 @@ def dds(tmp_path_factory):
     domain = 100 + os.getpid() % 120
     saved = os.environ.get("CYCLONEDDS_URI")
     os.environ["CYCLONEDDS_URI"] = (folder / "cyclonedds.xml").as_uri()
-    yield folder, domain, Participant(domain)
+    with Participant(domain) as participant:
+        yield folder, domain, participant
     if saved is None:
         del os.environ["CYCLONEDDS_URI"]
     else:
         os.environ["CYCLONEDDS_URI"] = saved
+
+
+@pytest.fixture
+def collect(dds):
+    """Collectors on the shared participant, closed (their readers deleted) after the test."""
+    made = []
+
+    def make(topics):
+        made.append(Collector(dds[2], topics))
+        return made[-1]
+
+    yield make
+    for collector in made:
+        collector.close()
 
 
 class NodeProcess:
@@ -103,6 +118,10 @@ class Collector:
                 participant, "/diagnostics", DIAGNOSTIC_ARRAY, self.diagnostics.append, True, 100
             )
         )
+
+    def close(self):
+        for sub in self._subs:
+            sub.close()
 
     def _on_detections(self, msg):
         key = (msg.header.frame_id, msg.header.stamp.sec, msg.header.stamp.nanosec)
@@ -169,9 +188,9 @@ def image_node(dds):
     node.stop()
 
 
-def test_every_image_gets_its_detections_at_10hz(dds, image_node, frames):
+def test_every_image_gets_its_detections_at_10hz(dds, collect, image_node, frames):
     _, _, participant = dds
-    collector = Collector(participant, ["/front/detections"])
+    collector = collect(["/front/detections"])
     collector.wait_matched()
     pub = _publisher(participant, "/front/image_raw", IMAGE)
     sent = {}
@@ -197,9 +216,11 @@ def test_every_image_gets_its_detections_at_10hz(dds, image_node, frames):
         assert arrived - sent[key] < 2.0  # inference is ~0.1 s here; generous for a busy CI
 
 
-def test_malformed_messages_are_skipped_and_the_node_keeps_running(dds, image_node, frames):
+def test_malformed_messages_are_skipped_and_the_node_keeps_running(
+    dds, collect, image_node, frames
+):
     _, _, participant = dds
-    collector = Collector(participant, ["/front/detections"])
+    collector = collect(["/front/detections"])
     collector.wait_matched()
     pub = _publisher(participant, "/front/image_raw", IMAGE)
     good = frames[3]
@@ -234,14 +255,14 @@ def test_malformed_messages_are_skipped_and_the_node_keeps_running(dds, image_no
     assert int(values["malformed"]) >= 1
 
 
-def test_compressed_at_30hz_latest_frame_wins(dds, frames):
+def test_compressed_at_30hz_latest_frame_wins(dds, collect, frames):
     folder, domain, participant = dds
     node = NodeProcess(
         folder, domain, "compressed", cameras=["/rear/image"], compressed=True,
         diagnostics_period=0.5,
     )  # fmt: skip
     try:
-        collector = Collector(participant, ["/rear/detections"])
+        collector = collect(["/rear/detections"])
         collector.wait_matched()
         pub = _publisher(participant, "/rear/image/compressed", COMPRESSED_IMAGE)
         corrupt = T[COMPRESSED_IMAGE](
@@ -277,12 +298,12 @@ def test_compressed_at_30hz_latest_frame_wins(dds, frames):
     assert any("corrupt or empty 'jpeg' data" in line for line in node.log)
 
 
-def test_overload_four_cameras_at_60hz(dds, frames):
+def test_overload_four_cameras_at_60hz(dds, collect, frames):
     folder, domain, participant = dds
     cameras = [f"/cam{i}/image_raw" for i in range(4)]
     node = NodeProcess(folder, domain, "overload", cameras=cameras, diagnostics_period=0.5)
     try:
-        collector = Collector(participant, [f"/cam{i}/detections" for i in range(4)])
+        collector = collect([f"/cam{i}/detections" for i in range(4)])
         collector.wait_matched()
         pubs = [_publisher(participant, topic, IMAGE) for topic in cameras]
         small = [cv2.resize(f, (384, 288), interpolation=cv2.INTER_AREA) for f in frames]

@@ -13,13 +13,25 @@ names, member names and XTypes type information match what ROS 2 nodes announce.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
+import traceback
 import types
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 from cyclonedds import _clayer
-from cyclonedds.core import Listener, Policy, Qos
+from cyclonedds.core import (
+    Entity,
+    InstanceState,
+    Policy,
+    Qos,
+    ReadCondition,
+    SampleState,
+    ViewState,
+    WaitSet,
+)
 from cyclonedds.domain import DomainParticipant
 from cyclonedds.idl import IdlStruct
 from cyclonedds.idl import types as idl
@@ -47,7 +59,8 @@ _BASE = {
     "float64": idl.float64,
     "string": str,
 }
-_SAMPLE_MASK = 0xFFFFFFFF  # any sample, view and instance state
+_ANY_STATE = SampleState.Any | ViewState.Any | InstanceState.Any
+_WAIT = duration(seconds=1)  # a waitset wait; close() wakes it at once anyway
 
 # A Cyclone configuration for tests and benchmarks: loopback only, no multicast. Large
 # datagrams and a large receive buffer (capped by the kernel's net.core.rmem_max) let a
@@ -122,19 +135,56 @@ def qos(reliable: bool, depth: int, msgtype: str) -> Qos:
 class Participant:
     """One DDS domain participant, the topics created on it (one per name) and its endpoints.
 
-    Endpoints live as long as their participant: a reader with a listener that is garbage
-    collected while samples arrive can crash cyclonedds-python (seen here in tests).
+    No endpoint has a listener: Cyclone never calls into Python from its own threads. A
+    listener invoked by Cyclone's garbage collector (a remote writer's lease running out)
+    while its Python object was being torn down crashed the process. Each subscriber
+    instead owns a waitset and a receive thread, and `close()` stops those threads
+    before it deletes readers, writers, topics and the participant, in that order.
     """
 
     def __init__(self, domain_id: int) -> None:
         self.domain = DomainParticipant(domain_id)
         self._topics: dict[str, Topic] = {}
-        self.endpoints: list[RawPublisher | RawSubscriber] = []
+        self._endpoints: list[RawPublisher | RawSubscriber] = []
+        self._closed = False
+
+    def __enter__(self) -> Participant:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def topic(self, ros_topic: str, msgtype: str) -> Topic:
+        if self._closed:
+            raise OSError(f"DDS participant closed: cannot create topic {ros_topic}")
         if ros_topic not in self._topics:
             self._topics[ros_topic] = Topic(self.domain, dds_topic(ros_topic), idl_type(msgtype))
         return self._topics[ros_topic]
+
+    def add(self, endpoint: RawPublisher | RawSubscriber) -> None:
+        self._endpoints.append(endpoint)
+
+    def close(self) -> None:
+        """Readers first (their threads joined), then writers, topics and the participant."""
+        if self._closed:
+            return
+        self._closed = True
+        subscribers = [e for e in self._endpoints if isinstance(e, RawSubscriber)]
+        publishers = [e for e in self._endpoints if isinstance(e, RawPublisher)]
+        for endpoint in [*subscribers, *publishers]:
+            endpoint.close()
+        for topic in self._topics.values():
+            _delete(topic)
+        _delete(self.domain)
+
+
+def _delete(entity: Entity) -> None:
+    """dds_delete now rather than whenever Python collects the wrapper.
+
+    cyclonedds-python deletes an entity in `__del__` only while it is still registered,
+    so calling it here makes the wrapper's later collection a no-op.
+    """
+    entity.__del__()
 
 
 class RawPublisher:
@@ -144,27 +194,56 @@ class RawPublisher:
         self, participant: Participant, ros_topic: str, msgtype: str, reliable: bool, depth: int
     ) -> None:
         self.msgtype = msgtype
+        self.topic = ros_topic
         self._store = typestore()
         profile = qos(reliable, depth, msgtype)
         self._writer = DataWriter(
             participant.domain, participant.topic(ros_topic, msgtype), profile
         )
-        participant.endpoints.append(self)
+        self._lock = threading.Lock()  # publish and close from different threads
+        self._closed = False
+        participant.add(self)
 
     def publish(self, message: Any) -> None:
-        data = self._store.serialize_cdr(message, self.msgtype)
-        padding = -len(data) % 4  # Cyclone expects whole 4-byte units, as its own writer pads
-        payload = bytes(data) + b"\0" * padding if padding else data
-        result = _clayer.ddspy_write(self._writer._ref, payload)
+        """Write one message; after `close()` this does nothing (the node is shutting down)."""
+        payload = encapsulate(self._store.serialize_cdr(message, self.msgtype))
+        with self._lock:
+            if self._closed:
+                return
+            result = _clayer.ddspy_write(self._writer._ref, payload)
         if result < 0:
-            raise OSError(f"DDS write on {self.msgtype} failed with code {result}")
+            raise OSError(f"DDS write on {self.topic} ({self.msgtype}) failed with code {result}")
 
     def subscriber_count(self) -> int:
         return len(self._writer.get_matched_subscriptions())
 
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                _delete(self._writer)
+
+
+def encapsulate(data: bytes | memoryview) -> bytes:
+    """Pad a CDR sample to whole 4-byte units and say so in the encapsulation options.
+
+    Cyclone's own writer and Fast CDR put the number of padding bytes in the low two bits
+    of the options (the header's last byte), so a strict reader knows where the data ends.
+    """
+    padding = -len(data) % 4
+    if not padding:
+        return bytes(data)
+    payload = bytearray(data)
+    payload[3] = (payload[3] & ~0x03) | padding
+    payload.extend(b"\0" * padding)
+    return bytes(payload)
+
 
 class RawSubscriber:
-    """Calls `callback(message)` from Cyclone's receive thread for each new sample."""
+    """Calls `callback(message)` from this subscriber's own receive thread, per new sample.
+
+    The thread sleeps in a Cyclone waitset until data arrives or `close()` wakes it.
+    """
 
     def __init__(
         self,
@@ -176,21 +255,61 @@ class RawSubscriber:
         depth: int,
     ) -> None:
         self.msgtype = msgtype
+        self.topic = ros_topic
         self._store = typestore()
         self._callback = callback
         profile = qos(reliable, depth, msgtype)
-        listener = Listener(on_data_available=self._on_data)
         topic = participant.topic(ros_topic, msgtype)
-        self._reader = DataReader(participant.domain, topic, profile, listener=listener)
-        participant.endpoints.append(self)
+        self._reader = DataReader(participant.domain, topic, profile)
+        self._condition = ReadCondition(self._reader, _ANY_STATE)
+        self._waitset = WaitSet(participant.domain)
+        self._waitset.attach(self._condition)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(
+            target=self._receive, name=f"dds-receive {ros_topic}", daemon=True
+        )
+        participant.add(self)
+        self._thread.start()
 
-    def _on_data(self, reader: DataReader) -> None:
-        samples = _clayer.ddspy_take(reader._ref, _SAMPLE_MASK, 16)
-        if isinstance(samples, int):
+    def _receive(self) -> None:
+        while not self._closing.is_set():
+            self._waitset.wait(_WAIT)
+            if not self._closing.is_set():
+                self._take_all()
+
+    def _take_all(self) -> None:
+        while True:
+            samples = _clayer.ddspy_take(self._reader._ref, _ANY_STATE, 16)
+            if isinstance(samples, int) or not samples:
+                return
+            for data, info in samples:
+                if info.valid_data:
+                    self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        """A sample that cannot be decoded, or a failing callback, must not end the thread."""
+        try:
+            message = self._store.deserialize_cdr(data, self.msgtype)
+        except Exception as exc:  # rosbags raises assorted errors on malformed CDR
+            warning = f"[WARN] {self.topic}: undecodable {self.msgtype} sample ({exc})"
+            print(warning, file=sys.stderr, flush=True)
             return
-        for data, info in samples:
-            if info.valid_data:
-                self._callback(self._store.deserialize_cdr(data, self.msgtype))
+        try:
+            self._callback(message)
+        except Exception:
+            traceback.print_exc()
 
     def publisher_count(self) -> int:
         return len(self._reader.get_matched_publications())
+
+    def close(self) -> None:
+        """Stop the receive thread, then delete waitset, condition and reader."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._waitset.set_trigger(True)
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._waitset.detach(self._condition)
+        for entity in (self._waitset, self._condition, self._reader):
+            _delete(entity)

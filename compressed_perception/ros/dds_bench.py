@@ -169,9 +169,8 @@ def bench_node(
             (folder / "cyclonedds.xml").write_text(LOOPBACK_CONFIG)
             os.environ["CYCLONEDDS_URI"] = (folder / "cyclonedds.xml").as_uri()
         domain = 150 + os.getpid() % 80
-        participant = Participant(domain)
         results = []
         for size in sizes:
-            with _node_process(domain, model, backend, folder):
+            with _node_process(domain, model, backend, folder), Participant(domain) as participant:
                 results.append(bench_size(participant, images, size, count))
         return results

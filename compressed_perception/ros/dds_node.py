@@ -114,8 +114,15 @@ class DdsPerceptionNode:
             while not stop.wait(self.config.diagnostics_period):
                 self.publish_diagnostics()
         finally:
-            self.core.stop()
+            self.close()
             _log("INFO", "stopped")
+
+    def close(self) -> None:
+        """Inputs first (no new frames), then the worker, then every DDS entity."""
+        for subscriber in self._inputs:
+            subscriber.close()
+        self.core.stop()
+        self._participant.close()
 
 
 def run(config: NodeConfig, domain_id: int) -> int:
