@@ -25,8 +25,10 @@ demo: $(VENV)/.installed-run
 		--metrics $(OUT)/replay_metrics.json
 	$(CLI) build --quick --out $(OUT)/model --no-progress
 
+# The full default build, shipped as the package's default model (models/default.json)
 build: $(VENV)/.installed-run
 	$(CLI) build --out build/model
+	$(CLI) ship build/model --to models/nanodet_g_compressed --index models/default.json
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ from setuptools import find_packages, setup
 PACKAGE = "compressed_perception"
 SHARE = f"share/{PACKAGE}"
 MODEL = "models/nanodet_g"
+SHIPPED = "models/nanodet_g_compressed"
 # The offline build step. torch==2.13.0: the CPU build this project is tested with
 # (unpinned, pip picks a CUDA build). ModelOpt without its [onnx] extra, which would pull
 # onnxruntime-gpu: its ONNX dependencies are listed here instead, at the versions it wants.
@@ -26,7 +27,22 @@ BUILD = [
     "onnxconverter-common~=1.16.0",
     "onnxruntime~=1.24.2",
     "polygraphy>=0.53.4",
+    # NNCF post-training INT8 for the OpenVINO artifact (3.4 is what the build is tested with)
+    "nncf~=3.4",
 ]
+
+
+def _shipped() -> list[tuple[str, list[str]]]:
+    """The shipped compressed model: its index and every file of its folders."""
+    files = [("share/" + PACKAGE + "/models", glob("models/default.json"))]
+    for folder in sorted(glob(f"{SHIPPED}/**/", recursive=True)):
+        found = [
+            f for f in glob(f"{folder}*") if not f.endswith("/") and "." in f.rsplit("/", 1)[-1]
+        ]
+        if found:
+            files.append((f"{SHARE}/{folder.rstrip('/')}", found))
+    return files
+
 
 setup(
     name=PACKAGE,
@@ -41,6 +57,7 @@ setup(
             f"{SHARE}/{MODEL}",
             [f"{MODEL}/manifest.json", f"{MODEL}/nanodet_g.onnx", f"{MODEL}/nanodet_g.pt"],
         ),
+        *_shipped(),
         (f"{SHARE}/data/vtest", glob("data/vtest/*")),
         (f"{SHARE}/data/vtest_heldout", glob("data/vtest_heldout/*")),
         (f"{SHARE}/data/sample_bag", glob("data/sample_bag/*")),
@@ -51,6 +68,8 @@ setup(
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
         "onnxruntime>=1.17",
+        # INT8 and FP32 on x86 and ARM CPUs (VNNI, AMX); `auto` prefers it to ONNX Runtime
+        "openvino>=2025.0; platform_machine in 'x86_64 AMD64 aarch64 arm64'",
         "pycocotools>=2.0",
         "pyyaml>=5.4",
         # the DDS transport uses cyclonedds-python's raw write/take (tested with 11.0)

@@ -33,10 +33,15 @@ class BenchResult:
     height: int
     iterations: int
     stats: dict[str, dict[str, float]]  # stage -> {"p50": ms, "p90": ms, "p99": ms}
+    model: str = ""  # the manifest's model name
 
-    def row(self) -> str:
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.backend}".strip()
+
+    def row(self, width: int) -> str:
         cells = [f"{self.stats[s]['p50']:8.2f} {self.stats[s]['p99']:8.2f}" for s in STAGES]
-        return f"{self.backend:<12} {self.width:>4}x{self.height:<5} " + " ".join(cells)
+        return f"{self.label:<{width}} {self.width:>4}x{self.height:<5} " + " ".join(cells)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -56,14 +61,13 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 def run_bench(
-    manifest: Path,
-    backends: Sequence[str],
+    rows: Sequence[tuple[Path, str]],
     sizes: Sequence[tuple[int, int]],
     source: Path,
     iterations: int,
     threads: int = 0,
 ) -> list[BenchResult]:
-    """The (backend, size) rows take turns in blocks of `BLOCK` frames.
+    """The (model, backend, size) rows take turns in blocks of `BLOCK` frames.
 
     Interleaving means a slow spell of a shared machine slows every row alike, so the
     ratios between rows hold even when the absolute figures drift. Each block starts
@@ -71,7 +75,10 @@ def run_bench(
     would otherwise slow the first frame of the row that follows.
     """
     images = load_frames(source)
-    detectors = [Detector.open(manifest, b, PostprocessConfig(), threads=threads) for b in backends]
+    detectors = [
+        Detector.open(manifest, backend, PostprocessConfig(), threads=threads)
+        for manifest, backend in rows
+    ]
     return interleave(detectors, sizes, images, iterations)
 
 
@@ -100,15 +107,40 @@ def interleave(
             size[1],
             iterations,
             {s: percentiles([getattr(r.latency_ms, s) for r in results]) for s in STAGES},
+            detector.manifest.name,
         )
         for (detector, size), results in zip(rows, samples, strict=True)
     ]
 
 
+ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def isa_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide FP32, BF16 and INT8 speed."""
+    flags = set(_cpuinfo().get("flags", "").split())
+    return [flag for flag in ISA if flag in flags]
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def machine() -> dict[str, Any]:
+    """Where a figure was measured: ratios between CPUs of different ISA do not carry over."""
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _cpuinfo().get("model name") or platform.processor() or platform.machine(),
+        "isa": " ".join(isa_flags()) or "unknown",
         "cpus": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -116,12 +148,16 @@ def machine() -> dict[str, Any]:
 
 
 def table(results: Sequence[BenchResult]) -> str:
-    header = f"{'backend':<12} {'size':<10} " + " ".join(f"{s + ' p50/p99 ms':>17}" for s in STAGES)
-    lines = [header, *(r.row() for r in results)]
-    base = {(r.width, r.height): r for r in results if r.backend == results[0].backend}
-    for r in results[len(base) :]:
+    """Rows, then each row's total p50 as a ratio of the first row's at the same size."""
+    width = max(len("model backend"), *(len(r.label) for r in results))
+    stages = " ".join(f"{s + ' p50/p99 ms':>17}" for s in STAGES)
+    lines = [f"{'model backend':<{width}} {'size':<10} {stages}"]
+    lines += [r.row(width) for r in results]
+    first = results[0].label
+    base = {(r.width, r.height): r for r in results if r.label == first}
+    for r in results:
         ref = base.get((r.width, r.height))
-        if ref:
+        if ref is not None and r is not ref:
             ratio = r.stats["total"]["p50"] / ref.stats["total"]["p50"]
-            lines.append(f"ratio {r.backend}/{ref.backend} at {r.width}x{r.height}: {ratio:.2f}")
+            lines.append(f"ratio {r.label} / {ref.label} at {r.width}x{r.height}: {ratio:.2f}")
     return "\n".join(lines)

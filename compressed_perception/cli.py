@@ -17,7 +17,7 @@ import numpy as np
 
 from compressed_perception.atomic import atomic_path, write_json
 from compressed_perception.errors import ConfigError, ImageError, PerceptionError
-from compressed_perception.resources import default_model, find_shared, sample_frames
+from compressed_perception.resources import find_shared, resolve_model, sample_frames
 from compressed_perception.runtime.annotate import annotate
 from compressed_perception.runtime.backends import BACKENDS, open_backend
 from compressed_perception.runtime.detector import Detector, FrameResult
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_carla,
         _add_import,
         _add_build,
+        _add_ship,
     )
     for add in commands_added:
         add(commands)
@@ -79,7 +80,19 @@ def _add_detect(commands: Any) -> None:
 
 def _add_bench(commands: Any) -> None:
     bench = commands.add_parser("bench", help="latency per stage over real frames")
-    _model_options(bench, backend_default=None)
+    bench.add_argument(
+        "--model",
+        action="append",
+        metavar="MANIFEST|NAME",
+        help="repeatable (default: the FP32 original and the shipped compressed model)",
+    )
+    bench.add_argument(
+        "--backend",
+        action="append",
+        choices=[b for b in BACKENDS if b != "auto"],
+        help="repeatable (default: every installed backend that can run each model)",
+    )
+    bench.add_argument("--threads", type=int, default=0, help="0: the backend's default")
     bench.add_argument("--size", action="append", metavar="WxH", help="repeatable")
     bench.add_argument("--frames", type=Path, help="video or folder (default: sample frames)")
     bench.add_argument("--iterations", type=int, default=200)
@@ -94,7 +107,9 @@ def _add_replay(commands: Any) -> None:
     replay = commands.add_parser(
         "replay", help="run every frame of rosbag2 camera bags through the detector"
     )
-    replay.add_argument("bags", nargs="+", type=Path, metavar="IN_BAG")
+    replay.add_argument(
+        "bags", nargs="+", type=Path, metavar="IN_BAG", help="rosbag2 folder or bare .mcap file"
+    )
     replay.add_argument(
         "--out", type=Path, required=True, help="output bag (a folder of bags for several inputs)"
     )
@@ -137,6 +152,12 @@ def _add_node(commands: Any) -> None:
     node.add_argument("--config", type=Path, help="ROS 2 parameter YAML (default: installed)")
     node.add_argument(
         "--domain-id", type=int, default=None, help="DDS domain (default: $ROS_DOMAIN_ID or 0)"
+    )
+    node.add_argument(
+        "--ros-distro",
+        choices=("humble", "jazzy"),
+        default="jazzy",
+        help="DDS transport: the ROS 2 peers' distro, for ros_discovery_info (default: jazzy)",
     )
     node.set_defaults(run=_node)
 
@@ -187,8 +208,25 @@ def _add_build(commands: Any) -> None:
     build.set_defaults(run=_build)
 
 
+def _add_ship(commands: Any) -> None:
+    ship = commands.add_parser(
+        "ship", help="copy a build's artifacts into models/ as the package's default model"
+    )
+    ship.add_argument("build", type=Path, metavar="BUILD_DIR", help="the --out of a build")
+    ship.add_argument("--to", type=Path, default=Path("models/nanodet_g_compressed"))
+    ship.add_argument(
+        "--index", type=Path, default=Path("models/default.json"), help="default-model ranking"
+    )
+    ship.set_defaults(run=_ship)
+
+
 def _model_options(parser: argparse.ArgumentParser, backend_default: str | None = "auto") -> None:
-    parser.add_argument("--model", type=Path, metavar="MANIFEST", help="default: NanoDet-g FP32")
+    parser.add_argument(
+        "--model",
+        metavar="MANIFEST|NAME",
+        help="a manifest, its folder, or a shipped model name (nanodet_g: the FP32 original); "
+        "default: the shipped compressed model",
+    )
     parser.add_argument(
         "--backend",
         default=backend_default,
@@ -199,7 +237,7 @@ def _model_options(parser: argparse.ArgumentParser, backend_default: str | None 
 
 def _detect(args: argparse.Namespace) -> int:
     paths = expand(args.paths)  # fail on a bad path before loading the model
-    manifest = load_manifest(args.model or default_model())
+    manifest = load_manifest(resolve_model(args.model))
     config = PostprocessConfig(
         score_threshold=args.score_threshold,
         nms_threshold=args.nms_threshold,
@@ -311,25 +349,49 @@ def _bench(args: argparse.Namespace) -> int:
         sizes = [parse_size(s) for s in (args.size or DEFAULT_SIZES)]
     except ValueError as exc:
         raise ConfigError(f"--size: {exc}") from exc
-    manifest = args.model or default_model()
+    models = [resolve_model(m) for m in args.model] if args.model else _bench_models()
     source = args.frames or sample_frames()
     if args.node:
         from compressed_perception.ros.dds_bench import bench_node
 
-        backend = args.backend or "onnxruntime"
-        rows = bench_node(load_frames(source), sizes, args.iterations, str(manifest), backend)
+        backend = args.backend[0] if args.backend else "onnxruntime"
+        rows = bench_node(load_frames(source), sizes, args.iterations, str(models[0]), backend)
         for row in rows:
             print(f"node over DDS, {backend}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
     else:
-        backends = [args.backend] if args.backend else ["torch", "onnxruntime"]
-        results = run_bench(manifest, backends, sizes, source, args.iterations, args.threads)
-        print(f"model {manifest}, frames {source}, {args.iterations} iterations per row")
+        pairs = _bench_rows(models, args.backend)
+        results = run_bench(pairs, sizes, source, args.iterations, args.threads)
+        print(f"frames {source}, {args.iterations} iterations per row; models:")
+        print("\n".join(f"  {m}" for m in models))
         print(table(results))
         rows = [vars(r) for r in results]
     if args.json:
-        payload = {"machine": machine(), "model": str(manifest), "results": rows}
+        payload = {"machine": machine(), "models": [str(m) for m in models], "results": rows}
         write_json(args.json, payload)
     return 0
+
+
+def _bench_models() -> list[Path]:
+    """The FP32 original and the shipped compressed model (once if they are the same)."""
+    return list(dict.fromkeys([resolve_model("nanodet_g"), resolve_model(None)]))
+
+
+def _bench_rows(models: Sequence[Path], backends: Sequence[str] | None) -> list[tuple[Path, str]]:
+    """(model, backend) for each backend asked for, or installed, that can run the model;
+    ONNX Runtime on the first model first: the reference of the ratios."""
+    from compressed_perception.runtime.backends import runnable
+
+    pairs = []
+    for model in models:
+        manifest = load_manifest(model)
+        wanted = backends or runnable(manifest)
+        if backends:
+            for backend in wanted:
+                if backend not in runnable(manifest, installed_only=False):
+                    raise ConfigError(f"--backend {backend} cannot run {model}")
+        pairs += [(model, backend) for backend in wanted]
+    pairs.sort(key=lambda pair: (pair[0] != models[0], pair[1] != "onnxruntime"))
+    return pairs
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -341,12 +403,13 @@ def _replay(args: argparse.Namespace) -> int:
     if len(args.bags) == 1:
         jobs = [(args.bags[0], args.out)]
     else:
-        names = [bag.name for bag in args.bags]
+        # an output bag is a folder: a bare `drive.mcap` becomes `drive/`
+        names = [bag.stem if bag.is_file() else bag.name for bag in args.bags]
         if len(set(names)) != len(names):
             raise ConfigError(f"input bags must have distinct names to share --out: {names}")
-        jobs = [(bag, args.out / bag.name) for bag in args.bags]
+        jobs = [(bag, args.out / name) for bag, name in zip(args.bags, names, strict=True)]
     options = ReplayOptions(
-        model=args.model or default_model(),
+        model=resolve_model(args.model),
         backend=args.backend,
         topics=tuple(args.topics),
         storage=args.storage,
@@ -403,12 +466,14 @@ def _node(args: argparse.Namespace) -> int:
     )
     if not 0 <= domain <= 232:
         raise ConfigError(f"--domain-id: {domain} is outside 0..232")
-    return run(config, domain)
+    return run(config, domain, args.ros_distro)
 
 
 def _carla(args: argparse.Namespace) -> int:
+    from compressed_perception.carla.simulate import CarlaOptions, client_module, run
+
+    client_module()  # no client: say how to install it before anything else
     from compressed_perception.carla.record import recording
-    from compressed_perception.carla.simulate import CarlaOptions, run
 
     if args.frames < 1:
         raise ConfigError(f"--frames: must be at least 1, got {args.frames}")
@@ -424,7 +489,7 @@ def _carla(args: argparse.Namespace) -> int:
         seed=args.seed,
         allow_version_mismatch=args.allow_version_mismatch,
     )
-    manifest = load_manifest(args.model or default_model())
+    manifest = load_manifest(resolve_model(args.model))
     config = PostprocessConfig(score_threshold=0.05)  # scored for mAP down to 0.05
     detector = Detector(
         manifest, open_backend(manifest, args.backend, threads=args.threads), config
@@ -450,6 +515,18 @@ def _build(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path, quick=args.quick)
     files = build(recipe, args.out, progress=not args.no_progress, quick=args.quick)
     print(files["md"].read_text())
+    return 0
+
+
+def _ship(args: argparse.Namespace) -> int:
+    from compressed_perception.compress.ship import ship
+
+    original = "nanodet_g/manifest.json"
+    if not (args.index.parent / original).is_file():
+        raise ConfigError(f"--index {args.index}: no {original} beside it (the FP32 original)")
+    shipped = ship(args.build, args.to, args.index, original)
+    print(f"shipped {args.build} to {shipped.folder}; default order:")
+    print("\n".join(f"  {path}" for path in shipped.default_order))
     return 0
 
 

@@ -7,11 +7,12 @@ the virtual environment's share/ (pip install), and the source tree (development
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
 
-from compressed_perception.errors import ModelError
+from compressed_perception.errors import ModelError, PerceptionError
 
 PACKAGE = "compressed_perception"
 
@@ -39,8 +40,58 @@ def find_shared(relative: str) -> Path:
     raise ModelError(f"{relative}: not found in any share folder ({searched})")
 
 
+FP32_MODEL = "models/nanodet_g/manifest.json"
+DEFAULT_INDEX = "models/default.json"  # the shipped compressed model's artifacts, best first
+
+
+def fp32_model() -> Path:
+    """The original FP32 NanoDet-g: what the build compresses, and the reference."""
+    return find_shared(FP32_MODEL)
+
+
 def default_model() -> Path:
-    return find_shared("models/nanodet_g/manifest.json")
+    """The shipped compressed model's best artifact that a backend installed here can run.
+
+    `models/default.json` lists the artifacts of the shipped build in the order its report
+    ranks them (the CPU INT8 model first); OpenVINO may be missing on a ROS machine, so the
+    next one is taken. Without a shipped build, the FP32 original.
+    """
+    from compressed_perception.runtime.backends import choose
+    from compressed_perception.runtime.manifest import load_manifest
+
+    try:
+        index = find_shared(DEFAULT_INDEX)
+    except ModelError:
+        return fp32_model()
+    try:
+        listed = json.loads(index.read_text())["artifacts"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{index}: unreadable list of default artifacts ({exc})") from exc
+    for relative in listed:
+        path = index.parent / relative
+        try:
+            choose(load_manifest(path))
+        except PerceptionError:
+            continue
+        return path
+    return fp32_model()
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """A model argument: empty for the default, a manifest or its folder, or the name of a
+    shipped model folder (e.g. `nanodet_g` for the FP32 original)."""
+    if model is None or str(model) == "":
+        return default_model()
+    path = Path(model)
+    if path.exists():
+        return path
+    shipped = [f"models/{model}/manifest.json", f"models/{model}"]
+    for relative in shipped:
+        try:
+            return find_shared(relative)
+        except ModelError:
+            continue
+    raise ModelError(f"{model}: no such model manifest, folder or shipped model name")
 
 
 def sample_frames() -> Path:

@@ -7,8 +7,11 @@ Every argument except params_file defaults to '' (empty), which means "as in par
 only arguments given a value override the file. List arguments are YAML lists; class ids
 in `classes` must be quoted (`classes:="['0', 'car']"`) because the parameter is a string
 array. `classes:="[]"` reaches the node as an untyped empty list, read as "all classes"; it
-replaces the file's list because launch writes overrides under `/**`, a later entry than
-the file's `perception_node:` (rcl keeps a value an empty list repeats in the same entry).
+replaces the file's list because launch writes overrides under `/**` (under the node's full
+name when a namespace is pushed), a later entry than the file's `/**/perception_node:` (rcl
+keeps a value an empty list repeats in the same entry). Namespaced, e.g. with
+`PushRosNamespace('ego')` around an include, the node reads `/ego/<camera>` for relative
+camera topics and publishes beside them.
 """
 
 import os
@@ -71,7 +74,7 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "backend",
                 default_value="",
-                choices=["", "auto", "tensorrt", "onnxruntime", "torch"],
+                choices=["", "auto", "tensorrt", "openvino", "onnxruntime", "torch"],
                 description=f"Inference backend ({FROM_FILE})",
             ),
             DeclareLaunchArgument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,8 +58,12 @@ def test_static_batch_model_refuses_other_batch(manifest, frames):
         backend.infer(_letterboxed(frames, 2))
 
 
-def test_auto_prefers_onnxruntime(manifest):
-    assert open_backend(manifest, "auto").name == "onnxruntime"
+def test_auto_runs_what_the_model_has(manifest):
+    assert open_backend(manifest, "auto").name in ("openvino", "onnxruntime")
+    torch_only = replace(manifest, artifacts={"torch": manifest.artifacts["torch"]})
+    assert open_backend(torch_only, "auto").name == "torch"
+    with pytest.raises(BackendError, match="no backend here can run its artifacts"):
+        open_backend(replace(manifest, artifacts={}), "auto")
 
 
 def test_unknown_backend(manifest):

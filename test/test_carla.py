@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,9 @@ from compressed_perception.carla.geometry import (
     semantic_pixels,
     visible_pixels,
 )
-from compressed_perception.carla.record import recording, topics
 from compressed_perception.cli import main
 from compressed_perception.coco import COCO_CLASSES
 from compressed_perception.errors import ConfigError
-from compressed_perception.replay.replay import ReplayOptions, replay
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.postprocess import Detections
 
@@ -149,6 +148,11 @@ def test_class_mapping(type_id, base_type, expected):
 
 def test_recorded_bag_replays_against_its_ground_truth(tmp_path, frames):
     """A recording made as `carla --out` does is scored again by `replay --ground-truth`."""
+    pytest.importorskip("rosbags", reason="recording needs rosbags (python3-rosbags-pip)")
+    pytest.importorskip("pycocotools", reason="scoring needs pycocotools (pip install)")
+    from compressed_perception.carla.record import recording, topics
+    from compressed_perception.replay.replay import ReplayOptions, replay
+
     found = Detector.open(MODEL_DIR / "manifest.json", "onnxruntime").detect(frames[0]).detections
     truth = found.where(found.class_ids == COCO_CLASSES.index("person"))  # every pedestrian
     out = tmp_path / "sim"
@@ -185,6 +189,17 @@ def test_no_server_is_a_clear_error(capsys, tmp_path):
     assert code == 2
     assert f"no CARLA server answered at 127.0.0.1:{port} within 1 s (client 0.9.16)" in err
     assert "CarlaUE4.sh -RenderOffScreen" in err
+    assert not (tmp_path / "bag").exists()
+
+
+def test_no_client_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "carla", None)  # `import carla` fails as if absent
+    code = main(["carla", "--out", str(tmp_path / "bag")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1  # one line, no traceback
+    assert err.startswith("compressed-perception: error: the CARLA Python client is not")
+    assert "pip install 'compressed_perception[carla]'" in err
     assert not (tmp_path / "bag").exists()
 
 

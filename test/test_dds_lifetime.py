@@ -19,9 +19,10 @@ import time
 
 import pytest
 
-from compressed_perception.ros.dds import LOOPBACK_CONFIG, encapsulate
+pytest.importorskip("cyclonedds", reason="the DDS transport needs cyclonedds (pip install)")
+pytest.importorskip("rosbags", reason="the DDS transport needs rosbags (python3-rosbags-pip)")
 
-pytest.importorskip("cyclonedds", reason="the DDS transport needs cyclonedds")
+from compressed_perception.ros.dds import LOOPBACK_CONFIG, encapsulate
 
 LEASE_S = 1
 WRITER = textwrap.dedent(

@@ -20,11 +20,30 @@ import numpy as np
 import pytest
 import yaml
 
+pytest.importorskip("cyclonedds", reason="the DDS transport needs cyclonedds (pip install)")
+pytest.importorskip("rosbags", reason="the DDS transport needs rosbags (python3-rosbags-pip)")
+
+from cyclonedds.builtin import (
+    BuiltinDataReader,
+    BuiltinTopicDcpsParticipant,
+    BuiltinTopicDcpsPublication,
+    BuiltinTopicDcpsSubscription,
+)
+from cyclonedds.core import Policy
+
+from compressed_perception.ros.dds import (
+    DISCOVERY_TOPIC,
+    NodeIdentity,
+    Participant,
+    RawPublisher,
+    RawSubscriber,
+)
 from compressed_perception.ros.messages import (
     COMPRESSED_IMAGE,
     DETECTION_ARRAY,
     DIAGNOSTIC_ARRAY,
     IMAGE,
+    PARTICIPANT_ENTITIES_INFO,
     typestore,
 )
 
@@ -36,7 +55,7 @@ T = STORE.types
 def dds(tmp_path_factory):
     """Loopback-only Cyclone config and a domain id of this run, for us and the node."""
     folder = tmp_path_factory.mktemp("dds")
-    from compressed_perception.ros.dds import LOOPBACK_CONFIG, Participant
+    from compressed_perception.ros.dds import LOOPBACK_CONFIG
 
     (folder / "cyclonedds.xml").write_text(LOOPBACK_CONFIG)
     domain = 100 + os.getpid() % 120
@@ -103,8 +122,6 @@ class Collector:
     """Detections and diagnostics received, keyed by stamp, with arrival times."""
 
     def __init__(self, participant, topics):
-        from compressed_perception.ros.dds import RawSubscriber
-
         self.by_stamp: dict[tuple[str, int, int], tuple[object, float]] = {}
         self.order: list[tuple[str, int, int]] = []
         self.diagnostics: list[object] = []
@@ -164,8 +181,6 @@ def _jpeg(frame_id, stamp_ns, bgr):
 
 
 def _publisher(participant, topic, msgtype):
-    from compressed_perception.ros.dds import RawPublisher
-
     pub = RawPublisher(participant, topic, msgtype, reliable=False, depth=1)
     deadline = time.monotonic() + 15
     while not pub.subscriber_count():
@@ -295,7 +310,7 @@ def test_compressed_at_30hz_latest_frame_wins(dds, collect, frames):
     finally:
         assert node.stop(signal.SIGTERM) == 0
     assert any("stopped" in line for line in node.log)
-    assert any("corrupt or empty 'jpeg' data" in line for line in node.log)
+    assert any("corrupt, empty or undecodable 'jpeg' data" in line for line in node.log)
 
 
 def test_overload_four_cameras_at_60hz(dds, collect, frames):
@@ -341,3 +356,118 @@ def test_clean_shutdown_on_sigint(image_node):
     assert image_node.stop(signal.SIGINT) == 0
     assert any("stopped" in line for line in image_node.log)
     assert not any("Traceback" in line for line in image_node.log)
+
+
+# --- ROS 2 graph: ros_discovery_info ---------------------------------------------------------
+
+
+class GraphWatch:
+    """ros_discovery_info as a ROS 2 node would read it, and Cyclone's own endpoint table."""
+
+    def __init__(self, participant, distro="jazzy"):
+        self.participant = participant
+        self.messages = []
+        self.subscriber = RawSubscriber(
+            participant, DISCOVERY_TOPIC, PARTICIPANT_ENTITIES_INFO, self.messages.append,
+            reliable=True, depth=100, transient_local=True, dds_name=DISCOVERY_TOPIC,
+            on_graph=False,
+        )  # fmt: skip
+        self.endpoints = {
+            kind: BuiltinDataReader(participant.domain, topic)
+            for kind, topic in (
+                ("writer", BuiltinTopicDcpsPublication),
+                ("reader", BuiltinTopicDcpsSubscription),
+            )
+        }
+        self.seen = {"writer": {}, "reader": {}}  # guid bytes -> (DDS topic, participant guid)
+
+    def close(self):
+        self.subscriber.close()
+
+    def latest(self, participant_gid: bytes):
+        """The latest graph message of the participant whose GUID is `participant_gid`."""
+        for message in reversed(self.messages):
+            if bytes(message.gid.data[:16]) == participant_gid:
+                return message
+        return None
+
+    def until(self, condition, timeout=15):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"graph messages: {self.messages[-3:]}"
+            time.sleep(0.05)
+
+    def endpoint(self, kind, dds_topic):
+        """(endpoint GUID, participant GUID) of the `kind` endpoint Cyclone saw on a topic."""
+        for sample in self.endpoints[kind].take(N=100):
+            if sample.sample_info.valid_data:
+                self.seen[kind][sample.key.bytes] = (sample.topic_name, sample.participant_key)
+        found = [(g, p.bytes) for g, (t, p) in self.seen[kind].items() if t == dds_topic]
+        return found[0] if len(found) == 1 else None
+
+
+@pytest.fixture
+def graph(dds):
+    watch = GraphWatch(dds[2])
+    yield watch
+    watch.close()
+
+
+def test_node_announces_itself_and_its_endpoint_gids(dds, graph):
+    """What `ros2 node list` / `ros2 node info` read: name, namespace, reader and writer GIDs."""
+    folder, domain, _ = dds
+    node = NodeProcess(folder, domain, "graph", cameras=["graph/image_raw"])  # relative
+    try:
+        graph.until(lambda: graph.endpoint("writer", "rt/graph/detections") is not None)
+        graph.until(lambda: graph.endpoint("reader", "rt/graph/image_raw") is not None)
+        writer, node_participant = graph.endpoint("writer", "rt/graph/detections")
+        reader, reader_participant = graph.endpoint("reader", "rt/graph/image_raw")
+        assert reader_participant == node_participant
+        graph.until(lambda: graph.latest(node_participant) is not None)
+        message = graph.latest(node_participant)
+        assert len(message.gid.data) == 16  # Jazzy's Gid: char[16]
+        (entities,) = message.node_entities_info_seq
+        assert (entities.node_namespace, entities.node_name) == ("/", "perception_node")
+        writers = {bytes(g.data) for g in entities.writer_gid_seq}
+        readers = {bytes(g.data) for g in entities.reader_gid_seq}
+        assert writer in writers and reader in readers
+        diagnostics, _ = graph.endpoint("writer", "rt/diagnostics")
+        assert writers == {writer, diagnostics}  # not the ros_discovery_info writer itself
+        assert readers == {reader}
+        participants = BuiltinDataReader(dds[2].domain, BuiltinTopicDcpsParticipant)
+        user_data = {
+            s.key.bytes: s.qos[Policy.Userdata].data
+            for s in participants.take(N=100)
+            if s.sample_info.valid_data and Policy.Userdata in s.qos
+        }
+        assert user_data[node_participant] == b"enclave=/;"  # rmw_cyclonedds_cpp's
+    finally:
+        assert node.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize("distro", ["humble", "jazzy"])
+def test_graph_message_follows_endpoints(dds, distro):
+    """Republished when an endpoint comes or goes, in the distro's Gid layout."""
+    _, domain, _ = dds
+    with Participant(domain, NodeIdentity("probe_node", "/ego"), distro) as node:
+        watch = GraphWatch(Participant(domain, distro=distro))
+        try:
+            watch.until(lambda: watch.latest(node.gid) is not None)
+            first = watch.latest(node.gid)
+            size = {"humble": 24, "jazzy": 16}[distro]
+            assert bytes(first.gid.data) == node.gid.ljust(size, b"\0")
+            assert first.node_entities_info_seq[0].node_namespace == "/ego"
+            assert not first.node_entities_info_seq[0].writer_gid_seq
+            publisher = RawPublisher(node, "/ego/out", DETECTION_ARRAY, True, 1)
+            gid = publisher.gid.ljust(size, b"\0")
+
+            def writers():
+                latest = watch.latest(node.gid).node_entities_info_seq[0]
+                return [bytes(g.data) for g in latest.writer_gid_seq]
+
+            watch.until(lambda: writers() == [gid])
+            publisher.close()
+            watch.until(lambda: writers() == [])
+        finally:
+            watch.close()
+            watch.participant.close()

@@ -9,12 +9,11 @@ import types
 import numpy as np
 import pytest
 
-from compressed_perception.compress.export import export_onnx
-from compressed_perception.models.checkpoint import load_checkpoint
-from compressed_perception.ros.core import PerceptionCore
+from compressed_perception.ros.core import STALL_MIN_S, STALL_TURNS, PerceptionCore
 from compressed_perception.runtime.backends import open_backend
-from compressed_perception.runtime.detector import Detector
+from compressed_perception.runtime.detector import Detector, FrameResult, StageTimes
 from compressed_perception.runtime.manifest import create_manifest, load_manifest
+from compressed_perception.runtime.postprocess import Detections
 
 from conftest import MODEL_DIR
 
@@ -50,6 +49,11 @@ def static_detector():
 @pytest.fixture(scope="module")
 def batch_detector(tmp_path_factory):
     """The default model exported with a dynamic batch dimension (multi-camera engines)."""
+    pytest.importorskip("torch", reason="exporting a batch model needs torch ([torch] extra)")
+    pytest.importorskip("onnx", reason="exporting a batch model needs onnx ([torch] extra)")
+    from compressed_perception.compress.export import export_onnx
+    from compressed_perception.models.checkpoint import load_checkpoint
+
     folder = tmp_path_factory.mktemp("batch")
     spec = export_onnx(
         load_checkpoint(MODEL_DIR / "nanodet_g.pt"), folder / "m.onnx", dynamic_batch=True
@@ -178,3 +182,80 @@ def test_diagnostics_report_rates_drops_and_health(static_detector, frames):
     assert active.values["backend"] == "onnxruntime"
     assert active.values["model"] == "models/m.json"
     assert idle.level == 1 and idle.message == "no input"
+
+
+class GatedDetector:
+    """Stands in for the model so that a test decides when each inference ends.
+
+    Every call reports an inference time of `inference_ms` and blocks until released.
+    """
+
+    max_batch = 1
+
+    def __init__(self, inference_ms: float):
+        self.inference_ms = inference_ms
+        self.calls = 0
+        self._gate = threading.Semaphore(0)
+        self._called = threading.Condition()
+
+    def detect_batch(self, images, names):
+        with self._called:
+            self.calls += 1
+            self._called.notify_all()
+        self._gate.acquire()
+        times = StageTimes(preprocess=0.0, inference=self.inference_ms, postprocess=0.0)
+        return [FrameResult(Detections.empty(), i.shape[1], i.shape[0], times) for i in images]
+
+    def wait_calls(self, count, timeout=30):
+        with self._called:
+            assert self._called.wait_for(lambda: self.calls >= count, timeout), self.calls
+
+    def release(self, count=1):
+        for _ in range(count):
+            self._gate.release()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_cameras_waiting_their_turn_are_not_reported_stalled(frames):
+    """Four cameras, one worker: a camera is stalled only after the grace period."""
+    detector, clock, sink = GatedDetector(inference_ms=300.0), Clock(), Sink()
+    topics = [f"/cam{i}" for i in range(4)]
+    core = PerceptionCore(detector, topics, False, sink.publish, print, clock=clock)
+    image = np.ascontiguousarray(frames[0][:8, :8])
+
+    def at(seconds):
+        clock.now = seconds
+        for camera in range(4):
+            core.on_message(camera, _msg(image, int(seconds * 10)))
+        return {s.name.split()[-1]: s for s in core.diagnostics("onnxruntime", "m")}
+
+    try:
+        at(0.0)
+        core.start()
+        detector.wait_calls(1)  # /cam0 is inferring, the others wait
+        assert core.stall_after() == STALL_MIN_S  # nothing measured yet
+        first = at(1.0)
+        assert {s.level for s in first.values()} == {0}, first
+        assert first["/cam3"].message == "starting: no output yet"
+        detector.release()  # /cam0's result is published at t = 1 s
+        sink.wait(1)
+        detector.wait_calls(2)
+        assert core.stall_after() == pytest.approx(STALL_TURNS * 0.3 * 4)  # 4.8 s
+        waiting = at(4.5)  # /cam1../cam3: 4.5 s since their first frame, no output yet
+        assert waiting["/cam0"].message == "ok"
+        assert all(waiting[t].level == 0 for t in topics)
+        stalled = at(5.0)  # past 4.8 s: only the cameras never served are stalled
+        assert [t for t in topics if stalled[t].level == 2] == ["/cam1", "/cam2", "/cam3"]
+        assert stalled["/cam2"].message == "input but no output for 5.0 s"
+        assert stalled["/cam0"].level == 0  # its last output was 4 s ago
+        assert at(6.0)["/cam0"].level == 2  # 5 s without output
+    finally:
+        detector.release(100)
+        core.stop()

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
+import sys
 
 import cv2
 import numpy as np
 import pytest
-from rosbags.rosbag2 import Reader
 
+pytest.importorskip("rosbags", reason="replay needs rosbags (rosdep key python3-rosbags-pip)")
+
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+import compressed_perception
 from compressed_perception.cli import main
 from compressed_perception.replay.bag import BagError, new_bag
 from compressed_perception.replay.replay import ReplayOptions, replay
@@ -27,6 +34,10 @@ from conftest import MODEL_DIR
 
 FRAMES = 6
 STORE = typestore()
+NO_COCO = "replay metrics need pycocotools (no rosdep key: pip install pycocotools)"
+SAMPLE_BAG = MODEL_DIR.parents[1] / "data" / "sample_bag"
+HAVE_COCO = importlib.util.find_spec("pycocotools") is not None
+GROUND_TRUTH_ERROR = "no ground-truth topic /gt" if HAVE_COCO else "needs pycocotools"
 
 
 def _run(capsys, *argv):
@@ -185,7 +196,7 @@ def test_bad_frames_are_counted_not_dropped(tmp_path, capsys, frames):
     assert metrics["frames"] == 2
     failures = metrics["decode_failures"]
     assert [(f["topic"], f["log_time"]) for f in failures] == [("/cam/image/compressed", 3)]
-    assert "corrupt or empty 'jpeg' data" in failures[0]["error"]
+    assert "corrupt, empty or undecodable 'jpeg' data" in failures[0]["error"]
     assert "warning:" in capsys.readouterr().err
     metrics = replay(bag, tmp_path / "out2", ReplayOptions(model=MODEL_DIR, topics=("/cam/image",)))
     assert metrics["frames"] == 0
@@ -207,7 +218,7 @@ def test_bad_bags_and_arguments(tmp_path, capsys, small_bag):
         ((tmp_path / "nope", "--out", out), "not a rosbag2 folder"),
         ((small_bag, "--out", out, "--topics", "/other"), "no topic /other in the bag"),
         ((small_bag, "--out", small_bag), "output exists (pass --overwrite"),
-        ((small_bag, "--out", out, "--ground-truth", "/gt"), "no ground-truth topic /gt"),
+        ((small_bag, "--out", out, "--ground-truth", "/gt"), GROUND_TRUTH_ERROR),
     ]
     for argv, message in cases:
         code, _, err = _run(capsys, "replay", *argv)
@@ -243,6 +254,7 @@ def test_overwrite_replaces_output(tmp_path, capsys, small_bag):
 
 def test_agreement_and_ground_truth_topic(tmp_path, frames):
     """The model against itself agrees perfectly; against its own boxes as truth, too."""
+    pytest.importorskip("pycocotools", reason=NO_COCO)
     detector = Detector.open(MODEL_DIR / "manifest.json", "onnxruntime")
     vision = VisionTypes.from_lookup(lambda name: STORE.types[name])
     items = []
@@ -266,7 +278,23 @@ def test_agreement_and_ground_truth_topic(tmp_path, frames):
     assert metrics["ground_truth"]["frames_without_ground_truth"] == 0
 
 
+def test_metrics_without_pycocotools_say_what_to_install(tmp_path, capsys, small_bag, monkeypatch):
+    for name in [m for m in sys.modules if m.split(".")[0] == "pycocotools"] + ["pycocotools"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    for name in [m for m in sys.modules if m.startswith("compressed_perception.evaluation")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(compressed_perception, "evaluation", raising=False)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "replay", small_bag, "--out", out, "--reference", MODEL_DIR)
+    assert code == 2
+    assert "--reference and --ground-truth needs pycocotools" in err
+    assert "pip install pycocotools" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert _run(capsys, "replay", small_bag, "--out", out)[0] == 0  # plain replay needs none
+
+
 def test_coco_json_ground_truth(tmp_path, capsys, small_bag):
+    pytest.importorskip("pycocotools", reason=NO_COCO)
     coco = {
         "images": [{"id": 1, "file_name": "cam/1.000000005", "width": 768, "height": 576}],
         "annotations": [
@@ -308,8 +336,7 @@ def test_committed_sample_bag():
     """data/sample_bag, which make demo replays: 400 decodable frames at 10 Hz."""
     from compressed_perception.ros.convert import compressed_to_bgr
 
-    bag = MODEL_DIR.parents[1] / "data" / "sample_bag"
-    with Reader(bag) as reader:
+    with Reader(SAMPLE_BAG) as reader:
         (connection,) = reader.connections
         assert (connection.topic, connection.msgtype) == (
             "/camera/image_raw/compressed",
@@ -325,3 +352,77 @@ def test_committed_sample_bag():
                 assert compressed_to_bgr(message).shape == (288, 384, 3)
     assert len(times) == 400
     assert set(np.diff(times)) == {100_000_000}
+
+
+# --- bare MCAP files (no metadata.yaml), as Foxglove exports them ---------------------------
+
+
+def test_bare_mcap_replays_into_a_rosbag2_folder(tmp_path, capsys, small_bag):
+    bare = tmp_path / "drive.mcap"
+    shutil.copy(small_bag / "in.mcap", bare)  # the storage file alone, without metadata.yaml
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "replay", bare, "--out", out, "--copy-input")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.yaml", "out.mcap"]
+    with Reader(bare) as src:
+        images = [(t, STORE.deserialize_cdr(raw, c.msgtype)) for c, t, raw in src.messages()]
+    found = [(t, m) for topic, t, m, _ in _read(out) if topic == "/cam/detections"]
+    assert [t for t, _ in found] == [t for t, _ in images] == [1, 2, 3]
+    for (_, image), (_, detections) in zip(images, found, strict=True):
+        assert _header_key(detections.header) == _header_key(image.header)
+        assert detections.detections  # real frames with people
+    assert "frames 3, decode failures 0" in stdout
+    several = tmp_path / "several"
+    assert _run(capsys, "replay", bare, small_bag, "--out", several)[0] == 0
+    assert sorted(p.name for p in several.iterdir()) == ["drive", "in"]
+
+
+def test_the_committed_sample_bag_opens_as_a_bare_mcap(tmp_path):
+    from compressed_perception.replay.bag import image_connections, messages, open_bag
+
+    bare = tmp_path / "sample.mcap"
+    shutil.copy(SAMPLE_BAG / "sample_bag.mcap", bare)
+    with open_bag(bare) as reader:
+        (camera,) = image_connections(reader, None, bare)
+        assert (camera.topic, camera.msgtype) == ("/camera/image_raw/compressed", COMPRESSED_IMAGE)
+        assert sum(1 for _ in messages(reader, [camera], bare)) == 400
+
+
+def test_bare_mcap_with_its_own_image_type(tmp_path, capsys, frames):
+    """A type this package does not define, with CompressedImage's fields, read from the
+    file's schema record."""
+    vendor = "vendor_msgs/msg/CameraFrame"
+    store = get_typestore(Stores.EMPTY)
+    store.register(STORE.fielddefs)
+    store.register(
+        get_types_from_msg("std_msgs/Header header\nstring format\nuint8[] data\n", vendor)
+    )
+    folder = tmp_path / "vendor"
+    with Writer(folder, version=8, storage_plugin=StoragePlugin.MCAP) as writer:
+        connection = writer.add_connection("/front/frame", vendor, typestore=store)
+        for i in range(2):
+            message = _jpeg(_header(i + 1, "front"), frames[i])
+            frame = store.types[vendor](header=message.header, format="", data=message.data)
+            writer.write(connection, i + 1, store.serialize_cdr(frame, vendor))
+    bare = tmp_path / "vendor.mcap"
+    shutil.copy(folder / "vendor.mcap", bare)
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "replay", bare, "--out", out, "--copy-input")
+    assert code == 0, err
+    with Reader(out) as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+        assert types == {"/front/detections": DETECTION_ARRAY, "/front/frame": vendor}
+        detections = [c for c in reader.connections if c.topic == "/front/detections"]
+        found = [STORE.deserialize_cdr(r, DETECTION_ARRAY) for *_, r in reader.messages(detections)]
+    assert [m.header.stamp.sec for m in found] == [1, 2]
+    assert all(m.detections for m in found)
+    code, _, err = _run(capsys, "replay", bare, "--out", tmp_path / "x", "--topics", "/nope")
+    assert code == 2 and "no topic /nope in the bag (topics: /front/frame)" in err
+
+
+def test_a_file_that_is_not_a_bag_is_refused(tmp_path, capsys):
+    notes = tmp_path / "notes.db3"
+    notes.write_text("x")
+    code, _, err = _run(capsys, "replay", notes, "--out", tmp_path / "out")
+    assert code == 2
+    assert f"{notes}: not a rosbag2 folder (no metadata.yaml) nor a .mcap file" in err

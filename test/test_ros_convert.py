@@ -7,18 +7,29 @@ import types
 import cv2
 import numpy as np
 import pytest
-from rosbags.typesys import Stores, get_typestore
 
-from compressed_perception.errors import ImageError
+from compressed_perception.errors import ConfigError, ImageError
 from compressed_perception.ros.convert import (
     VisionTypes,
     compressed_to_bgr,
     detection_array,
-    detections_topic,
     image_to_bgr,
 )
-from compressed_perception.ros.messages import DEFINITIONS, DETECTION_ARRAY, typestore
 from compressed_perception.runtime.postprocess import Detections
+
+pytest.importorskip("rosbags", reason="message definitions need rosbags (python3-rosbags-pip)")
+
+from rosbags.typesys import Stores, get_typestore
+
+from compressed_perception.ros.messages import (
+    DEFINITIONS,
+    DETECTION_ARRAY,
+    GID,
+    NODE_ENTITIES_INFO,
+    PARTICIPANT_ENTITIES_INFO,
+    definitions,
+    typestore,
+)
 
 STORE = typestore()
 
@@ -30,6 +41,24 @@ def test_definitions_hash_like_the_real_ros_types(distro):
     assert len(shared) == 11  # all but vision_msgs, which rosbags does not ship
     for name in shared:
         assert STORE.hash_rihs01(name) == reference.hash_rihs01(name), name
+
+
+@pytest.mark.parametrize(
+    ("distro", "store"), [("humble", Stores.ROS2_HUMBLE), ("jazzy", Stores.ROS2_JAZZY)]
+)
+def test_discovery_definitions_are_the_distros_own(distro, store):
+    """ros_discovery_info's types: Humble's Gid is char[24], Jazzy's char[16]."""
+    ours, reference = typestore(distro), get_typestore(store)
+    for name in (GID, NODE_ENTITIES_INFO, PARTICIPANT_ENTITIES_INFO):
+        assert ours.fielddefs[name] == reference.fielddefs[name], name
+        assert ours.hash_rihs01(name) == reference.hash_rihs01(name), name
+    size = {"humble": 24, "jazzy": 16}[distro]
+    assert ours.fielddefs[GID][1] == [("data", (3, ((1, ("char", 0)), size)))]
+
+
+def test_unknown_distro_is_refused():
+    with pytest.raises(ConfigError, match="ROS distro 'iron': choose one of humble, jazzy"):
+        definitions("iron")
 
 
 def test_vision_msgs_definition_is_the_4x_layout():
@@ -129,17 +158,44 @@ def test_compressed_jpeg_and_png(bgr):
 
 
 @pytest.mark.parametrize(
+    ("fmt", "suffix"),
+    [
+        ("", ".jpg"),  # sensor_msgs: an empty format means jpeg
+        ("tiff", ".tiff"),  # listed by Humble's CompressedImage
+        ("bgr8; png compressed bgr8", ".png"),
+        ("jpeg", ".png"),  # the data's signature decides, not the hint
+        ("h265", ".bmp"),  # an unknown word: decoded if the data decodes
+    ],
+)
+def test_compressed_formats_decode_by_content(bgr, fmt, suffix):
+    big = cv2.resize(bgr, (70, 50), interpolation=cv2.INTER_NEAREST)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 100] if suffix == ".jpg" else []
+    data = cv2.imencode(suffix, big, params)[1].tobytes()
+    out = compressed_to_bgr(types.SimpleNamespace(format=fmt, data=data))
+    assert out.shape == (50, 70, 3)
+    assert np.abs(out.astype(int) - big).mean() < 6
+
+
+@pytest.mark.parametrize(
     ("fmt", "data", "message"),
     [
-        ("jpeg", b"\xff\xd8\xff garbage", "corrupt or empty 'jpeg' data"),
-        ("jpeg", b"", "corrupt or empty"),
-        ("16UC1; compressedDepth", b"\0", "unsupported compressed format"),
-        ("tiff", b"\0", "unsupported compressed format"),
+        ("jpeg", b"\xff\xd8\xff garbage", "corrupt, empty or undecodable 'jpeg' data"),
+        ("jpeg", b"", "corrupt, empty or undecodable"),
+        ("", b"\0\1\2", "undecodable 'jpeg' data \\(3 bytes\\)"),
+        ("tiff", b"\0", "undecodable 'tiff' data"),
+        ("16UC1; compressedDepth", b"\0", "is a depth image, not a camera image"),
     ],
 )
 def test_bad_compressed_images(fmt, data, message):
     with pytest.raises(ImageError, match=message):
         compressed_to_bgr(types.SimpleNamespace(format=fmt, data=data), name="/cam")
+
+
+def test_compressed_depth_is_refused_even_when_its_png_decodes(bgr):
+    png = cv2.imencode(".png", bgr)[1].tobytes()
+    msg = types.SimpleNamespace(format="16UC1; compressedDepth png", data=png)
+    with pytest.raises(ImageError, match=r"^/cam: .*compressedDepth"):
+        compressed_to_bgr(msg, name="/cam")
 
 
 def test_detection_array_round_trips_through_cdr():
@@ -169,16 +225,3 @@ def test_detection_array_round_trips_through_cdr():
     assert first.header.frame_id == "cam"
     as_index = detection_array(vision, header, found, labels, class_id_as_label=False)
     assert as_index.detections[1].results[0].hypothesis.class_id == "2"
-
-
-@pytest.mark.parametrize(
-    ("topic", "expected"),
-    [
-        ("/camera/image_raw", "/camera/detections"),
-        ("/camera/image_raw/compressed", "/camera/detections"),
-        ("/carla/ego_vehicle/rgb_front/image", "/carla/ego_vehicle/rgb_front/detections"),
-        ("image", "/detections"),
-    ],
-)
-def test_detections_topic(topic, expected):
-    assert detections_topic(topic) == expected

@@ -176,7 +176,7 @@ def test_replay_launch_forwards_every_perception_argument() -> None:
 
 def test_params_file_holds_the_node_config_defaults() -> None:
     assert load_config(PARAMS_FILE) == NodeConfig()
-    raw = yaml.safe_load(PARAMS_FILE.read_text())["perception_node"]["ros__parameters"]
+    raw = yaml.safe_load(PARAMS_FILE.read_text())["/**/perception_node"]["ros__parameters"]
     defaults = parameter_defaults()
     assert list(raw) == list(defaults)
     for name, value in raw.items():
@@ -233,14 +233,15 @@ def ros():
     rclpy.try_shutdown()
 
 
-def _node(ros, manifest_path: Path, **values):
+def _node(ros, manifest_path: Path, ros_args: list[str] | None = None, **values):
     from rclpy.parameter import Parameter
 
     from compressed_perception.ros.node import PerceptionNode
 
     values.setdefault("model", str(manifest_path))
     overrides = [Parameter(name, value=value) for name, value in values.items()]
-    return PerceptionNode(parameter_overrides=overrides)
+    arguments = ["--ros-args", *ros_args] if ros_args else None
+    return PerceptionNode(parameter_overrides=overrides, cli_args=arguments)
 
 
 def test_ros_node_topics_and_qos(ros, manifest_path: Path) -> None:
@@ -347,4 +348,41 @@ def test_ros_node_publishes_detections_for_a_frame(ros, manifest_path: Path, fra
         node.core.stop()
         executor.shutdown()
         probe.destroy_node()
+        node.destroy_node()
+
+
+def test_ros_node_refuses_an_unknown_parameter(ros, manifest_path: Path, tmp_path: Path) -> None:
+    from compressed_perception.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown parameters \['score_treshold'\]"):
+        _node(ros, manifest_path, score_treshold=0.5)
+    params = tmp_path / "typo.yaml"
+    params.write_text("/**/perception_node:\n  ros__parameters:\n    nms_treshold: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown parameters \['nms_treshold'\]"):
+        _node(ros, manifest_path, ["--params-file", str(params)])
+    node = _node(ros, manifest_path, use_sim_time=True)  # ROS's own: allowed
+    node.core.stop()
+    node.destroy_node()
+
+
+@pytest.mark.parametrize("namespace", ["/", "/ego", "/ego/front"])
+def test_ros_node_reads_the_params_file_in_a_namespace(
+    ros, manifest_path: Path, tmp_path: Path, namespace: str
+) -> None:
+    params = tmp_path / "params.yaml"
+    data = yaml.safe_load(PARAMS_FILE.read_text())
+    data["/**/perception_node"]["ros__parameters"].update(
+        model=str(manifest_path), score_threshold=0.55, cameras=["cam/image_raw", "/abs/image"]
+    )
+    params.write_text(yaml.safe_dump(data))
+    node = _node(ros, manifest_path, ["-r", f"__ns:={namespace}", "--params-file", str(params)])
+    try:
+        assert node.get_namespace() == namespace
+        assert node.config.score_threshold == 0.55
+        base = namespace.rstrip("/")
+        assert {s.topic_name for s in node.subscriptions} == {f"{base}/cam/image_raw", "/abs/image"}
+        outputs = {p.topic_name for p in node.publishers}
+        assert {f"{base}/cam/detections", "/abs/detections"} <= outputs
+    finally:
+        node.core.stop()
         node.destroy_node()

@@ -27,7 +27,6 @@ from compressed_perception.carla.geometry import (
     visible_pixels,
 )
 from compressed_perception.errors import PerceptionError
-from compressed_perception.evaluation import CocoEvaluator
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.postprocess import Detections
 
@@ -39,10 +38,23 @@ CAMERA_POSES = {
     "rgb_rear": (-2.2, 0.0, 2.4, 180.0),
 }
 SENSOR_WAIT_S = 10.0
+CLIENT_INSTALL = "pip install 'compressed_perception[carla]'"  # carla==0.9.16
 
 
 class CarlaError(PerceptionError):
-    """No server, a version mismatch, an unknown town, or a spawn that failed."""
+    """No client or no server, a version mismatch, an unknown town, or a failed spawn."""
+
+
+def client_module() -> Any:
+    """The `carla` client package, or a CarlaError saying how to install it."""
+    try:
+        import carla
+    except ImportError as exc:  # absent, or a wheel built for another Python
+        raise CarlaError(
+            f"the CARLA Python client is not installed or does not load ({exc}); install it "
+            f"with {CLIENT_INSTALL} (carla==0.9.16, matching a 0.9.16 server)"
+        ) from exc
+    return carla
 
 
 @dataclass(frozen=True)
@@ -76,8 +88,7 @@ class _Scene:
 
 def connect(options: CarlaOptions) -> Any:
     """A client whose server answered; CarlaError naming host, port, timeout and versions."""
-    import carla
-
+    carla = client_module()
     client = carla.Client(options.host, options.port)
     client.set_timeout(options.timeout)
     version = client.get_client_version()
@@ -130,8 +141,7 @@ def synchronous(client: Any, world: Any, options: CarlaOptions) -> Iterator[Any]
 @contextlib.contextmanager
 def scene(client: Any, world: Any, traffic: Any, options: CarlaOptions) -> Iterator[_Scene]:
     """Ego vehicle with cameras, plus seeded traffic; all destroyed on exit."""
-    import carla
-
+    carla = client_module()
     built = _Scene()
     try:
         _spawn(world, traffic, options, built, carla)
@@ -232,8 +242,7 @@ def ground_truth(
     `bgra` is the instance-segmentation image taken at the camera's pose: actors are
     visible where their id shows, map objects where their semantic tag does.
     """
-    import carla
-
+    carla = client_module()
     world_to_camera = np.array(camera.get_transform().get_inverse_matrix())
     matrix = intrinsics(options.width, options.height, options.fov)
     ids = instance_ids(bgra)
@@ -279,9 +288,12 @@ def _world_corners(box: Any, carla: Any) -> np.ndarray:
 
 def run(options: CarlaOptions, detector: Detector, recorder: Any | None = None) -> dict[str, Any]:
     """Simulate `options.frames` steps; returns mAP per class against CARLA's ground truth."""
+    from compressed_perception.replay.replay import coco_evaluation  # needs rosbags
+
+    evaluation = coco_evaluation("scoring against CARLA's ground truth")
     client = connect(options)
     world = load_town(client, options.town)
-    evaluator = CocoEvaluator(detector.labels)
+    evaluator = evaluation.CocoEvaluator(detector.labels)
     latencies: list[float] = []
     with (
         synchronous(client, world, options) as traffic,

@@ -1,10 +1,10 @@
 """Label-free recovery of a pruned detector by distillation from the original model.
 
 No labelled road data exists, and what the deployment needs is the original model's
-behaviour, so the teacher's own outputs are the targets: its class probabilities
-(quality-focal weighted, so the few cells with objects are not drowned by background),
-its box-side distributions (weighted by how sure the teacher is that a cell holds an
-object) and its neck features (through a 1x1 adapter, since pruning narrowed them).
+behaviour, so the teacher's own outputs are the targets (`objective.discrepancy`). The
+loss is only a means: what is kept is the student that agrees best with the teacher's
+detections on a validation slice of the training range (never the held-out frames), so
+distillation cannot return a student worse than the one it was given.
 """
 
 from __future__ import annotations
@@ -13,45 +13,69 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from compressed_perception.atomic import write_json
+from compressed_perception.compress.artifacts import torch_model, write_model
+from compressed_perception.compress.objective import Levels, Weights, discrepancy
+from compressed_perception.compress.report import plot_losses
+from compressed_perception.compress.stage import (
+    STUDENT,
+    BuildContext,
+    ModelRef,
+    Stage,
+    Table,
+    Variant,
+)
 from compressed_perception.errors import ConfigError
-from compressed_perception.models.nanodet import NanoDet, flatten_levels
+from compressed_perception.evaluation.coco import agreement
+from compressed_perception.models.nanodet import DeployModel, NanoDet
+from compressed_perception.runtime.postprocess import Detections, PostprocessConfig, postprocess
+from compressed_perception.runtime.preprocess import Letterbox
 
 Progress = Callable[[int, int, float], None]  # step, steps, loss
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
 class DistillSettings:
-    steps: int = 600
+    steps: int = 600  # at most; stops earlier when validation agreement stops improving
     batch: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # decay pulls a trained network away from its teacher
     warmup: int = 20  # linear warm-up steps before the cosine decay
     box_weight: float = 1.0
-    feature_weight: float = 1.0
-    flip: bool = True
-    scale: tuple[float, float] = (0.8, 1.2)  # letterbox scale jitter
-    colour: float = 0.2  # brightness and contrast jitter amplitude
+    focal: float = 2.0  # exponent of the quality-focal weight on the class term
+    flip: bool = True  # mirrored frames besides the originals
+    validation_frames: int = 40  # the last frames of the training range, never trained on
+    validate_every: int = 25  # steps between validations
+    patience: int = 6  # validations without improvement before stopping
+    precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = {
             "steps": self.steps >= 0,
             "batch": self.batch >= 1,
+            "optimizer": self.optimizer in OPTIMIZERS,
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
             "warmup": self.warmup >= 0,
             "box_weight": self.box_weight >= 0,
-            "feature_weight": self.feature_weight >= 0,
-            "scale": len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
-            "colour": 0 <= self.colour < 1,
+            "focal": self.focal >= 0,
+            "validation_frames": self.validation_frames >= 4,
+            "validate_every": self.validate_every >= 1,
+            "patience": self.patience >= 1,
+            "precision": self.precision in PRECISIONS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -63,8 +87,13 @@ class DistillSettings:
 class DistillReport:
     losses: list[float]  # per step: total loss
     parts: dict[str, list[float]]  # per step: each loss term
+    validation: list[dict[str, float]]  # step, map, map50 (step 0: the student as given)
+    best_step: int
     seconds: float
     settings: dict[str, object]
+    precision: str = "fp32"
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def distill(
@@ -73,49 +102,102 @@ def distill(
     images: Sequence[np.ndarray],
     settings: DistillSettings,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> DistillReport:
-    """Fine-tune `student` in place to reproduce `teacher` on unlabelled BGR `images`."""
-    if not images:
-        raise ConfigError("distill: no training frames")
+    """Fine-tune `student` in place to reproduce `teacher` on unlabelled BGR `images`.
+
+    The last `validation_frames` images are held aside to choose the best step; the
+    student returned is that step's (possibly the one given, step 0), on the CPU.
+    """
+    if len(images) < settings.validation_frames + settings.batch:
+        raise ConfigError(
+            f"distill: {len(images)} training frames, need more than validation_frames "
+            f"({settings.validation_frames}) + batch ({settings.batch})"
+        )
     if student.config.num_classes != teacher.config.num_classes:
         raise ConfigError("distill: student and teacher predict different classes")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
-    adapters = _adapters(student, teacher)
-    params = [*student.parameters(), *adapters.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    precision = resolve_precision(settings.precision, device)
+    student.to(device)
+    teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
+    train = _Samples(images[: -settings.validation_frames], student, settings.flip)
+    validator = _Validator(images[-settings.validation_frames :], teacher, device)
+    weights = Weights(box=settings.box_weight, focal=settings.focal)
+    optimizer = _optimizer(student, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(settings))
-    student.train()
     losses: list[float] = []
-    parts: dict[str, list[float]] = {"class": [], "box": [], "feature": []}
+    parts: dict[str, list[float]] = {"class": [], "box": []}
+    best = _Best(student, validator.score(student, 0))
     started = time.perf_counter()
-    for step in range(settings.steps):
-        batch = _batch(images, student, settings, rng)
-        terms = _losses(student, teacher, adapters, batch, settings)
-        total = terms["class"] + terms["box"] + terms["feature"]
+    stalled = 0
+    targets = _TeacherCache(teacher, device, precision)
+    for step in range(1, settings.steps + 1):
+        student.train()
+        picks, batch = train.batch(settings.batch, rng)
+        batch = batch.to(device)
+        target = targets(picks, batch)
+        with _autocast(device, precision):
+            terms = discrepancy(target, student(batch), weights)
+        total = terms["class"] + terms["box"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
         optimizer.step()
         schedule.step()
         losses.append(float(total.detach()))
         for name, value in terms.items():
             parts[name].append(float(value.detach()))
         if progress is not None:
-            progress(step + 1, settings.steps, losses[-1])
-    student.eval()
-    seconds = time.perf_counter() - started
-    return DistillReport(losses, parts, seconds, asdict(settings))
+            progress(step, settings.steps, losses[-1])
+        if step % settings.validate_every == 0 or step == settings.steps:
+            improved = best.offer(student, validator.score(student, step))
+            stalled = 0 if improved else stalled + 1
+            if stalled >= settings.patience:
+                break
+    best.restore(student)
+    student.cpu().eval()
+    return DistillReport(
+        losses,
+        parts,
+        best.history,
+        best.step,
+        time.perf_counter() - started,
+        asdict(settings),
+        precision,
+        stopped_early=len(losses) < settings.steps,
+    )
 
 
-def _adapters(student: NanoDet, teacher: NanoDet) -> nn.ModuleList:
-    """1x1 convolutions from the student's narrowed neck to the teacher's width."""
-    width = teacher.config.neck_channels
-    probe = torch.zeros(1, 3, *student.config.input_size)
-    with torch.no_grad():
-        widths = [f.shape[1] for f in student.neck(student.backbone(probe))]
-    return nn.ModuleList(nn.Conv2d(w, width, 1) for w in widths)
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto`: bf16 where the hardware computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _autocast(device: str, precision: str) -> Any:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _optimizer(student: NanoDet, settings: DistillSettings) -> torch.optim.Optimizer:
+    params = list(student.parameters())
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def _cosine(settings: DistillSettings) -> Callable[[int], float]:
@@ -128,72 +210,207 @@ def _cosine(settings: DistillSettings) -> Callable[[int], float]:
     return factor
 
 
-def _losses(
-    student: NanoDet,
-    teacher: NanoDet,
-    adapters: nn.ModuleList,
-    batch: torch.Tensor,
-    settings: DistillSettings,
-) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        t_features = teacher.neck(teacher.backbone(batch))
-        t_levels = teacher.head(t_features)
-    s_features = student.neck(student.backbone(batch))
-    s_levels = student.head(s_features)
-    t_cls, t_box = flatten_levels(t_levels)
-    s_cls, s_box = flatten_levels(s_levels)
-    t_prob = t_cls.sigmoid()
-    objectness = t_prob.amax(dim=-1)  # (B, N): how sure the teacher is of any object
-    norm = objectness.sum().clamp(min=1.0)
-    focal = (s_cls.sigmoid() - t_prob).abs().pow(2)
-    class_loss = F.binary_cross_entropy_with_logits(s_cls, t_prob, reduction="none") * focal
-    bins = t_box.shape[-1] // 4
-    t_dist = t_box.unflatten(-1, (4, bins)).log_softmax(-1)
-    s_dist = s_box.unflatten(-1, (4, bins)).log_softmax(-1)
-    kl = (t_dist.exp() * (t_dist - s_dist)).sum(-1).mean(-1)  # (B, N)
-    feature = sum(
-        F.mse_loss(adapter(s), t) / t.var().clamp(min=1e-6)
-        for adapter, s, t in zip(adapters, s_features, t_features, strict=True)
+class _Samples:
+    """Training frames letterboxed as at runtime, and their mirror images, cropped to the
+    rows and columns any frame's content covers (aligned to the largest stride, so every
+    cell is a cell of the full input): the network is fully convolutional, and the
+    letterbox's padding would only cost time."""
+
+    def __init__(self, images: Sequence[np.ndarray], model: NanoDet, flip: bool) -> None:
+        height, width = model.config.input_size
+        letterbox = Letterbox(width, height)
+        boxed, spans = [], []
+        for index, image in enumerate(images):
+            transform = letterbox(image, name=f"training frame {index}")
+            spans.append(_content(transform, width, height))
+            boxed.append(letterbox.buffer[0].copy())
+            if flip:
+                boxed.append(np.ascontiguousarray(letterbox.buffer[0][:, ::-1]))
+        stride = max(model.config.strides)
+        top, left = (_floor(min(span[i] for span in spans), stride) for i in (0, 1))
+        bottom = min(height, _ceil(max(span[2] for span in spans), stride))
+        right = min(width, _ceil(max(span[3] for span in spans), stride))
+        self.frames = np.stack(boxed)[:, top:bottom, left:right]
+        self.mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+
+    def batch(self, size: int, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
+        """Which samples, and them normalised as NCHW float."""
+        picks = sorted(int(p) for p in rng.choice(len(self.frames), size=size, replace=False))
+        images = torch.from_numpy(self.frames[picks])
+        return picks, (images.float().permute(0, 3, 1, 2) - self.mean) / self.std
+
+
+def _content(transform: Any, width: int, height: int) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the image inside the letterboxed input."""
+    top, left = int(transform.pad_y), int(transform.pad_x)
+    bottom = min(height, round(transform.pad_y + transform.src_height * transform.scale))
+    right = min(width, round(transform.pad_x + transform.src_width * transform.scale))
+    return top, left, bottom, right
+
+
+def _floor(value: int, step: int) -> int:
+    return value // step * step
+
+
+def _ceil(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+class _TeacherCache:
+    """The teacher's outputs per training sample, computed once: with no random
+    augmentation a sample's targets never change, and the teacher's forward pass was a
+    third of each step."""
+
+    def __init__(self, teacher: NanoDet, device: str, precision: str) -> None:
+        self.teacher = teacher
+        self.device = device
+        self.precision = precision
+        self.store: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __call__(self, picks: Sequence[int], batch: torch.Tensor) -> Levels:
+        missing = [slot for slot, pick in enumerate(picks) if pick not in self.store]
+        if missing:
+            with torch.no_grad(), _autocast(self.device, self.precision):
+                levels = self.teacher(batch[missing])
+            for row, slot in enumerate(missing):
+                self.store[picks[slot]] = [
+                    (cls[row].half().cpu(), box[row].half().cpu()) for cls, box in levels
+                ]
+        return [
+            (
+                torch.stack([self.store[p][level][0] for p in picks]).to(self.device).float(),
+                torch.stack([self.store[p][level][1] for p in picks]).to(self.device).float(),
+            )
+            for level in range(len(self.store[picks[0]]))
+        ]
+
+
+class _Validator:
+    """Agreement (COCO mAP) of a student's detections with the teacher's on held-aside frames."""
+
+    def __init__(self, images: Sequence[np.ndarray], teacher: NanoDet, device: str) -> None:
+        self.images = list(images)
+        self.device = device
+        self.sizes = [(image.shape[1], image.shape[0]) for image in self.images]
+        self.reference = self._detect(teacher)
+
+    def score(self, model: NanoDet, step: int) -> dict[str, float]:
+        classes = [str(i) for i in range(model.config.num_classes)]
+        result = agreement(self.reference, self._detect(model), self.sizes, classes)
+        return {"step": step, "map": round(result.map, 4), "map50": round(result.map50, 4)}
+
+    def _detect(self, model: NanoDet) -> list[Detections]:
+        was_training = model.training
+        deploy = DeployModel(model).eval()
+        height, width = model.config.input_size
+        letterbox = Letterbox(width, height)
+        config = PostprocessConfig(score_threshold=0.05)
+        found = []
+        with torch.no_grad():
+            for index, image in enumerate(self.images):
+                transform = letterbox(image, name=f"validation frame {index}")
+                images = torch.from_numpy(letterbox.buffer).to(self.device)
+                boxes, scores = deploy(images)
+                detections = postprocess(boxes[0].cpu().numpy(), scores[0].cpu().numpy(), config)
+                found.append(
+                    Detections(
+                        transform.to_original(detections.boxes),
+                        detections.scores,
+                        detections.class_ids,
+                    )
+                )
+        model.train(was_training)
+        return found
+
+
+class _Best:
+    """The best student so far by validation agreement (mean of mAP and mAP@.5)."""
+
+    def __init__(self, model: NanoDet, first: dict[str, float]) -> None:
+        self.history = [first]
+        self.step = 0
+        self.value = _merit(first)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def offer(self, model: NanoDet, result: dict[str, float]) -> bool:
+        self.history.append(result)
+        if _merit(result) <= self.value:
+            return False
+        self.value, self.step = _merit(result), int(result["step"])
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
+def _merit(result: dict[str, float]) -> float:
+    return (result["map"] + result["map50"]) / 2
+
+
+def _produce(
+    context: BuildContext, parent: ModelRef, settings: DistillSettings, folder: Path
+) -> dict[str, Any]:
+    student = torch_model(parent.manifest, "distillation")
+    bar = tqdm(total=settings.steps, desc="distill", disable=not context.progress)
+
+    def advance(step: int, steps: int, loss: float) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    report = distill(
+        student, context.teacher(), context.train_frames, settings, advance, context.device
     )
+    bar.close()
+    losses = {"total": report.losses, **report.parts}
+    write_json(folder / "losses.json", {**losses, "validation": report.validation})
+    plot_losses(losses, folder / "losses.png")
+    write_model(
+        student,
+        folder,
+        parent.manifest,
+        "distilled",
+        dynamic_batch=context.recipe.export.dynamic_batch,
+    )
+    tail = report.losses[-20:] or [float("nan")]
     return {
-        "class": class_loss.sum() / norm,
-        "box": settings.box_weight * (kl * objectness).sum() / norm,
-        "feature": settings.feature_weight * feature / len(adapters),
+        "steps_run": len(report.losses),
+        "best_step": report.best_step,
+        "stopped_early": report.stopped_early,
+        "precision": report.precision,
+        "final_loss": round(float(np.mean(tail)), 5),
+        "validation": report.validation,
+        "train_seconds": round(report.seconds, 1),
     }
 
 
-def _batch(
-    images: Sequence[np.ndarray],
-    model: NanoDet,
-    settings: DistillSettings,
-    rng: np.random.Generator,
-) -> torch.Tensor:
-    """Augmented, letterboxed, normalized NCHW float batch."""
-    height, width = model.config.input_size
-    picks = rng.integers(0, len(images), settings.batch)
-    canvas = np.zeros((settings.batch, height, width, 3), np.float32)
-    for slot, index in enumerate(picks):
-        canvas[slot] = _augment(images[index], height, width, settings, rng)
-    mean = np.asarray(model.config.mean, np.float32)
-    std = np.asarray(model.config.std, np.float32)
-    return torch.from_numpy((canvas - mean) / std).permute(0, 3, 1, 2).contiguous()
+def _tables(info: dict[str, Any]) -> dict[str, Table]:
+    history = info.get("validation") or []
+    rows = tuple(
+        (
+            entry["step"],
+            f"{entry['map']:.4f}",
+            f"{entry['map50']:.4f}",
+            "kept" if entry["step"] == info.get("best_step") else "",
+        )
+        for entry in history
+    )
+    note = (
+        "Agreement with the teacher on the validation slice (the last frames of the training "
+        "range, never trained on); step 0 is the student as distillation received it. The "
+        "best step is the one kept."
+    )
+    columns = ("step", "validation mAP", "validation mAP@.5", "")
+    return {"Distillation validation": Table(columns, rows, note)} if rows else {}
 
 
-def _augment(
-    image: np.ndarray, height: int, width: int, settings: DistillSettings, rng: np.random.Generator
-) -> np.ndarray:
-    """Scale-jittered letterbox at a random offset, optional flip, brightness and contrast."""
-    fit = min(height / image.shape[0], width / image.shape[1])
-    scale = fit * rng.uniform(*settings.scale)
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    contrast = 1 + rng.uniform(-settings.colour, settings.colour)
-    brightness = 255 * rng.uniform(-settings.colour, settings.colour) / 2
-    resized = np.clip(resized * contrast + brightness, 0, 255)
-    out = np.zeros((height, width, 3), np.float32)
-    rows, cols = resized.shape[:2]
-    top = int(rng.integers(min(0, height - rows), max(0, height - rows) + 1))
-    left = int(rng.integers(min(0, width - cols), max(0, width - cols) + 1))
-    src = resized[max(0, -top) : max(0, -top) + height, max(0, -left) : max(0, -left) + width]
-    out[max(0, top) : max(0, top) + src.shape[0], max(0, left) : max(0, left) + src.shape[1]] = src
-    return out[:, ::-1] if settings.flip and rng.random() < 0.5 else out
+STAGE = Stage(
+    section="distill",
+    settings=DistillSettings,
+    produce=_produce,
+    variants=(Variant(STUDENT, "distill", "distilled"),),
+    makes_student=True,
+    revision=2,
+    tables=_tables,
+)

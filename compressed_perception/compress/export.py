@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from compressed_perception import quiet
 from compressed_perception.atomic import atomic_path
 from compressed_perception.errors import ModelError
 from compressed_perception.models.nanodet import DeployModel, NanoDet
@@ -33,7 +31,7 @@ def export_onnx(model: NanoDet, dest: Path, *, dynamic_batch: bool = False) -> T
     shapes = (
         {"images": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}} if dynamic_batch else None
     )
-    with atomic_path(Path(dest)) as tmp, _quiet_exporter():
+    with atomic_path(Path(dest)) as tmp, quiet.torch_export():
         program = torch.onnx.export(
             deploy,
             (example,),
@@ -61,11 +59,3 @@ def verify_onnx(deploy: DeployModel, path: Path, images: torch.Tensor) -> None:
             f"{path}: exported ONNX differs from PyTorch (boxes {box_err:.3g} px, "
             f"scores {score_err:.3g}); not kept"
         )
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> contextlib.AbstractContextManager[None]:
-    """The exporter prints progress banners to stdout; keep CLI output machine-readable."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield

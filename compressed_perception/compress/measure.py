@@ -8,6 +8,7 @@ noisy machine. The targets of the build are checked here from those measurements
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from compressed_perception.benchmark import interleave
+from compressed_perception.benchmark import interleave, isa_flags
 from compressed_perception.compress.recipe import BenchSettings, LabelSettings
 from compressed_perception.compress.report import Measurement, Target
 from compressed_perception.datasets import DatasetError
@@ -27,12 +28,21 @@ from compressed_perception.runtime.postprocess import Detections, PostprocessCon
 from compressed_perception.sources import read_image
 
 CANDIDATE_THRESHOLD = 0.05  # the candidate's whole precision-recall curve is scored
-CPU_ARTIFACT = "ort-int8"
+REFERENCE = ("fp32", "onnxruntime")
+CPU_INT8_ROWS = ("openvino-int8", "ort-int8")  # the student's CPU INT8 artifact, by preference
+STUDENT_ROWS = ("distilled", "reconstructed", "pruned")  # the FP32 student, latest stage first
+BEFORE_DISTILLATION = ("reconstructed", "pruned")
+MAX_MACS = 0.60
+MIN_RECONSTRUCTED_MAP50 = 0.70
 LATENCY_VS_ORT = 0.35
 LATENCY_VS_TORCH = 0.25
-MIN_MAP = 0.75
+MIN_MAP = 0.80
 MIN_MAP50 = 0.90
-MAX_SIZE_RATIO = 0.25
+MAX_SIZE_RATIO = 0.20
+OPENVINO_UNPRUNED = "openvino-int8-unpruned"
+OPENVINO_MIN = (0.90, 0.95)
+OPENVINO_LATENCY = 0.40
+OPENVINO_FP32_MIN = (0.97, 0.99)
 BUILD_SECONDS = 1800
 QUICK_BUILD_SECONDS = 180
 
@@ -43,6 +53,8 @@ class Candidate:
     manifest: Path
     params: int | None
     macs: int | None
+    backend: str = "onnxruntime"
+    cpu: bool = True  # a CPU artifact, eligible for best.json
 
 
 def measure(
@@ -54,43 +66,50 @@ def measure(
     progress: bool = True,
     labelled: Sequence[tuple[np.ndarray, Detections]] = (),
 ) -> list[Measurement]:
-    """One Measurement per (artifact, backend), plus the FP32 original under PyTorch.
+    """One Measurement per artifact, plus the FP32 original under PyTorch and OpenVINO.
 
-    With `labelled` (image, ground truth) pairs, each artifact's real mAP is measured too.
+    The first candidate is the FP32 original on ONNX Runtime, the reference. With
+    `labelled` (image, ground truth) pairs, each artifact's real mAP is measured too.
     """
     config = PostprocessConfig(score_threshold=CANDIDATE_THRESHOLD)
-    rows = [(c, _backend(c)) for c in candidates]
+    rows = list(candidates)
+    source = rows[0]
     if "torch" in reference.artifacts:
-        rows.insert(1, (candidates[0], "torch"))
-    manifests = [load_manifest(c.manifest) for c, _ in rows]
-    backends = [open_backend(m, b) for m, (_, b) in zip(manifests, rows, strict=True)]
+        rows.insert(1, dataclasses.replace(source, backend="torch", cpu=False))
+    if importlib.util.find_spec("openvino") is not None:
+        rows.insert(1, dataclasses.replace(source, backend="openvino", cpu=False))
+    manifests = [load_manifest(c.manifest) for c in rows]
+    backends = [open_backend(m, c.backend) for m, c in zip(manifests, rows, strict=True)]
     detectors = [Detector(m, b, config) for m, b in zip(manifests, backends, strict=True)]
     sizes = [(f.shape[1], f.shape[0]) for f in frames]
     expected = _detect_all(detectors[0], frames, "reference", progress)
-    accuracy = {}
-    for (candidate, backend), detector in zip(rows, detectors, strict=True):
-        if backend == "torch":
+    accuracy: dict[int, dict[str, float]] = {}
+    for index, (candidate, detector) in enumerate(zip(rows, detectors, strict=True)):
+        if candidate.backend == "torch":
             continue  # the same FP32 weights as the reference: nothing to learn, 10x the time
-        found = _detect_all(detector, frames, candidate.stage, progress)
+        found = _detect_all(detector, frames, f"{candidate.stage} {candidate.backend}", progress)
         result = agreement(expected, found, sizes, reference.classes)
-        accuracy[candidate.stage] = {"map": round(result.map, 4), "map50": round(result.map50, 4)}
+        accuracy[index] = {"map": round(result.map, 4), "map50": round(result.map50, 4)}
         if labelled:
-            accuracy[candidate.stage].update(_labelled_map(detector, labelled, reference.classes))
+            accuracy[index].update(_labelled_map(detector, labelled, reference.classes))
     # latency at the runtime's own score threshold: a low one would time NMS, not the model
     runtime = [Detector(m, b) for m, b in zip(manifests, backends, strict=True)]
     timings = interleave(runtime, [(bench.width, bench.height)], frames, bench.iterations)
     return [
         Measurement(
             stage=candidate.stage,
-            backend=backend,
+            backend=candidate.backend,
             params=candidate.params,
             macs=candidate.macs,
             file_bytes=_size(manifest),
             latency_ms={k: round(v, 3) for k, v in timing.stats["total"].items()},
-            accuracy=None if backend == "torch" else accuracy[candidate.stage],
+            accuracy=accuracy.get(index),
             path=str(_relative(candidate.manifest, out)),
+            cpu=candidate.cpu,
         )
-        for (candidate, backend), manifest, timing in zip(rows, manifests, timings, strict=True)
+        for index, (candidate, manifest, timing) in enumerate(
+            zip(rows, manifests, timings, strict=True)
+        )
     ]
 
 
@@ -127,10 +146,6 @@ def _labelled_map(
     return {"labelled_map": round(result.map, 4), "labelled_map50": round(result.map50, 4)}
 
 
-def _backend(candidate: Candidate) -> str:
-    return "tensorrt" if candidate.stage == "tensorrt" else "onnxruntime"
-
-
 def _detect_all(
     detector: Detector, frames: Sequence[np.ndarray], what: str, progress: bool
 ) -> list[Detections]:
@@ -139,9 +154,10 @@ def _detect_all(
 
 
 def _size(manifest: Manifest) -> int:
-    """Bytes of the file the row's backend runs (the engine, else the ONNX model)."""
-    kind = "tensorrt" if "tensorrt" in manifest.artifacts else "onnx"
-    return (manifest.folder / manifest.artifacts[kind]).stat().st_size
+    """Bytes of what the row's backend loads (the engine, the IR with its weights, the ONNX)."""
+    kind = next(k for k in ("tensorrt", "openvino", "onnx", "torch") if k in manifest.artifacts)
+    files = (manifest.artifacts[kind], *manifest.companions.get(kind, ()))
+    return sum((manifest.folder / name).stat().st_size for name in files)
 
 
 def _relative(path: Path, root: Path) -> Path:
@@ -155,41 +171,105 @@ def _row(measurements: Sequence[Measurement], stage: str, backend: str) -> Measu
     return next((m for m in measurements if m.stage == stage and m.backend == backend), None)
 
 
+def _first(measurements: Sequence[Measurement], stages: Sequence[str]) -> Measurement | None:
+    """The row of the first of `stages` that was measured (each artifact has one row)."""
+    for stage in stages:
+        found = next((m for m in measurements if m.stage == stage), None)
+        if found is not None:
+            return found
+    return None
+
+
 def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) -> tuple[Target, ...]:
-    """The issue's targets, each from ratios measured in this one run.
+    """The issues' targets, each from ratios measured in this one run.
 
     A target that falls short says why, from the same run: how much of the latency comes
-    from pruning and how much from INT8, and whether accuracy was lost to pruning or to
-    quantization.
+    from pruning and how much from INT8 (and whether this CPU has VNNI), and whether
+    accuracy was lost to pruning, to distillation or to quantization.
     """
-    cpu = _row(measurements, CPU_ARTIFACT, "onnxruntime")
-    qdq = _row(measurements, "qdq-int8", "onnxruntime")
-    ort = _row(measurements, "fp32", "onnxruntime")
+    ort = _row(measurements, *REFERENCE)
     torch_row = _row(measurements, "fp32", "torch")
-    speed, accuracy = _why_latency(measurements, ort), _why_accuracy(measurements)
+    openvino_fp32 = _row(measurements, "fp32", "openvino")
+    cpu = _first(measurements, CPU_INT8_ROWS)
+    unpruned = _first(measurements, tuple(f"{row}-unpruned" for row in CPU_INT8_ROWS))
+    student = _first(measurements, STUDENT_ROWS)
+    before = _first(measurements, BEFORE_DISTILLATION)
+    qdq = _first(measurements, ("qdq-int8",))
+    ov_unpruned = _first(measurements, (OPENVINO_UNPRUNED,))
+    speed = _why_latency(cpu, unpruned, student, ort)
+    lost = _why_accuracy(before, student, unpruned)
+    name = cpu.stage if cpu else "CPU INT8"
     found = [
+        Target("student MACs / original", _macs_ratio(student, ort), MAX_MACS, "<="),
         Target(
-            "CPU artifact latency / ORT FP32", _latency_ratio(cpu, ort), LATENCY_VS_ORT, "<=", speed
+            "agreement mAP@.5 after pruning and reconstruction",
+            _accuracy(before, "map50"),
+            MIN_RECONSTRUCTED_MAP50,
+            ">=",
+            lost,
+        ),
+        Target("student (FP32) agreement mAP", _accuracy(student, "map"), MIN_MAP, ">=", lost),
+        Target(
+            "student (FP32) agreement mAP@.5", _accuracy(student, "map50"), MIN_MAP50, ">=", lost
         ),
         Target(
-            "CPU artifact latency / PyTorch FP32",
+            f"{name} latency / ORT FP32",
+            _latency_ratio(cpu, ort),
+            LATENCY_VS_ORT,
+            "<=",
+            speed,
+            axis_line=_latency_line(ort, LATENCY_VS_ORT),
+        ),
+        Target(
+            f"{name} latency / PyTorch FP32",
             _latency_ratio(cpu, torch_row),
             LATENCY_VS_TORCH,
             "<=",
             speed,
         ),
         Target(
-            "CPU artifact agreement mAP",
+            f"{name} agreement mAP",
             _accuracy(cpu, "map"),
             MIN_MAP,
             ">=",
-            accuracy,
+            lost,
             axis_line=("y", MIN_MAP),
         ),
-        Target("CPU artifact agreement mAP@.5", _accuracy(cpu, "map50"), MIN_MAP50, ">=", accuracy),
-        Target("Q/DQ agreement mAP", _accuracy(qdq, "map"), MIN_MAP, ">=", accuracy),
-        Target("Q/DQ agreement mAP@.5", _accuracy(qdq, "map50"), MIN_MAP50, ">=", accuracy),
-        Target("CPU artifact file / FP32 ONNX", _size_ratio(cpu, ort), MAX_SIZE_RATIO, "<="),
+        Target(f"{name} agreement mAP@.5", _accuracy(cpu, "map50"), MIN_MAP50, ">=", lost),
+        Target(f"{name} file / FP32 ONNX", _size_ratio(cpu, ort), MAX_SIZE_RATIO, "<="),
+        Target("Q/DQ agreement mAP@.5", _accuracy(qdq, "map50"), MIN_MAP50, ">=", lost),
+        Target(
+            "OpenVINO INT8 (unpruned) agreement mAP",
+            _accuracy(ov_unpruned, "map"),
+            OPENVINO_MIN[0],
+            ">=",
+        ),
+        Target(
+            "OpenVINO INT8 (unpruned) agreement mAP@.5",
+            _accuracy(ov_unpruned, "map50"),
+            OPENVINO_MIN[1],
+            ">=",
+        ),
+        Target(
+            "OpenVINO INT8 (unpruned) latency / ORT FP32",
+            _latency_ratio(ov_unpruned, ort),
+            OPENVINO_LATENCY,
+            "<=",
+            _isa_note(),
+        ),
+        Target(
+            "OpenVINO FP32 agreement mAP with ORT FP32",
+            _accuracy(openvino_fp32, "map"),
+            OPENVINO_FP32_MIN[0],
+            ">=",
+        ),
+        Target(
+            "OpenVINO FP32 agreement mAP@.5 with ORT FP32",
+            _accuracy(openvino_fp32, "map50"),
+            OPENVINO_FP32_MIN[1],
+            ">=",
+        ),
+        Target("OpenVINO FP32 latency / ORT FP32", _latency_ratio(openvino_fp32, ort), 1.0, "<="),
         Target(
             "build seconds (from scratch)" + (" --quick" if quick else ""),
             round(seconds, 1),
@@ -205,44 +285,60 @@ def _explained(target: Target) -> Target:
     return target if target.met is False else dataclasses.replace(target, explanation="")
 
 
-def _why_latency(measurements: Sequence[Measurement], ort: Measurement | None) -> str:
+def _why_latency(
+    cpu: Measurement | None,
+    unpruned: Measurement | None,
+    student: Measurement | None,
+    ort: Measurement | None,
+) -> str:
+    backend = cpu.backend if cpu else "the CPU backend"
     return _phrases(
         (
-            "INT8 alone runs at {:.2f}x FP32 on this CPU",
-            _latency_ratio(_row(measurements, "ort-int8-unpruned", "onnxruntime"), ort),
+            f"INT8 alone ({backend}, unpruned) runs at {{:.2f}}x ORT FP32",
+            _latency_ratio(unpruned, ort),
         ),
-        (
-            "pruning alone at {:.2f}x",
-            _latency_ratio(_row(measurements, "distilled", "onnxruntime"), ort),
-        ),
+        ("pruning alone (FP32 student on ORT) at {:.2f}x", _latency_ratio(student, ort)),
+        (_isa_note(), 0.0),
     )
 
 
-def _why_accuracy(measurements: Sequence[Measurement]) -> str:
+def _why_accuracy(
+    before: Measurement | None, student: Measurement | None, unpruned: Measurement | None
+) -> str:
     return _phrases(
         (
-            "the pruned, distilled FP32 student reaches mAP {:.2f}",
-            _accuracy(_row(measurements, "distilled", "onnxruntime"), "map"),
+            f"after pruning and reconstruction ({before.stage if before else ''}) agreement "
+            "is mAP {:.3f}",
+            _accuracy(before, "map"),
         ),
-        (
-            "INT8 without pruning reaches {:.2f}",
-            _accuracy(_row(measurements, "ort-int8-unpruned", "onnxruntime"), "map"),
-        ),
+        ("the FP32 student reaches {:.3f}", _accuracy(student, "map")),
+        ("INT8 without pruning reaches {:.3f}", _accuracy(unpruned, "map")),
     )
+
+
+def _isa_note() -> str:
+    flags = isa_flags()
+    vnni = [f for f in flags if "vnni" in f or f.startswith("amx")]
+    if vnni:
+        return f"this CPU has {', '.join(vnni)}"
+    return "this CPU has no VNNI (INT8 dot products): INT8 cannot be much faster than FP32 here"
 
 
 def _phrases(*parts: tuple[str, float | None]) -> str:
-    return "; ".join(text.format(value) for text, value in parts if value is not None)
+    return "; ".join(text.format(value) for text, value in parts if value is not None and text)
 
 
-def curve(measurements: Sequence[Measurement], ratio: float) -> list[dict[str, float]]:
-    """The CPU INT8 trade-off measured in this run: unpruned and pruned at `ratio`."""
+def curve(measurements: Sequence[Measurement]) -> list[dict[str, float]]:
+    """The CPU INT8 trade-off measured in this run: the unpruned and the pruned artifact."""
+    ort = _row(measurements, *REFERENCE)
     points = []
-    for stage, value in (("ort-int8-unpruned", 0.0), (CPU_ARTIFACT, ratio)):
-        row = _row(measurements, stage, "onnxruntime")
-        if row is not None and row.accuracy and row.latency_ms:
+    for stages in (tuple(f"{r}-unpruned" for r in CPU_INT8_ROWS), CPU_INT8_ROWS):
+        row = _first(measurements, stages)
+        student = _first(measurements, STUDENT_ROWS) if stages == CPU_INT8_ROWS else ort
+        macs = _macs_ratio(student, ort)
+        if row is not None and row.accuracy and row.latency_ms and macs is not None:
             points.append(
-                {"prune ratio": value, **row.accuracy, "latency_p50": row.latency_ms["p50"]}
+                {"MACs ratio": macs, **row.accuracy, "latency_p50": row.latency_ms["p50"]}
             )
     return points
 
@@ -253,8 +349,20 @@ def _latency_ratio(row: Measurement | None, base: Measurement | None) -> float |
     return round(row.latency_ms["p50"] / base.latency_ms["p50"], 3)
 
 
+def _latency_line(ort: Measurement | None, ratio: float) -> tuple[str, float] | None:
+    if ort is None or not ort.latency_ms:
+        return None
+    return ("x", round(ort.latency_ms["p50"] * ratio, 3))
+
+
+def _macs_ratio(row: Measurement | None, base: Measurement | None) -> float | None:
+    if row is None or base is None or not row.macs or not base.macs:
+        return None
+    return round(row.macs / base.macs, 4)
+
+
 def _accuracy(row: Measurement | None, key: str) -> float | None:
-    return None if row is None or row.accuracy is None else row.accuracy[key]
+    return None if row is None or row.accuracy is None else row.accuracy.get(key)
 
 
 def _size_ratio(row: Measurement | None, base: Measurement | None) -> float | None:
@@ -262,16 +370,12 @@ def _size_ratio(row: Measurement | None, base: Measurement | None) -> float | No
 
 
 def best_cpu_artifact(measurements: Sequence[Measurement]) -> Measurement | None:
-    """The fastest ONNX Runtime artifact that meets the accuracy targets, else the most accurate.
+    """The fastest CPU artifact that meets the accuracy targets, else the most accurate.
 
     A vehicle should not silently get a fast model that disagrees with the original: speed
     only decides among models that are accurate enough.
     """
-    rows = [
-        m
-        for m in measurements
-        if m.backend == "onnxruntime" and m.stage != "qdq-int8" and m.accuracy and m.latency_ms
-    ]
+    rows = [m for m in measurements if m.cpu and m.accuracy and m.latency_ms]
     good = [m for m in rows if m.accuracy["map"] >= MIN_MAP and m.accuracy["map50"] >= MIN_MAP50]
     if good:
         return min(good, key=lambda m: m.latency_ms["p50"])

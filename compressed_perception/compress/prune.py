@@ -1,39 +1,90 @@
-"""Structured channel pruning of a NanoDet with torch-pruning's dependency graph.
+"""Structured channel pruning that starts as close to the original model as it can.
 
 Whole output channels are removed, and everything that consumes them (the next
 convolution, a concatenation, the neck's sums) shrinks with them, so the result is a
-smaller dense network that every backend runs faster, not a sparse one.
+smaller dense network that every backend runs faster, not a sparse one. torch-pruning's
+dependency graph finds the coupled layers; this module decides what to remove:
+
+- a channel's importance is the error its removal causes in the convolutions that read it,
+  measured on calibration frames with its mean folded into their bias: the batch norm is
+  folded into these weights, so a weight's norm says little about what a channel carries;
+- each removed channel's mean contribution is folded into the consumers' biases;
+- how much each group loses comes from a sensitivity scan (the output discrepancy from
+  the original when only that group is pruned, at a few ratios) under a MACs budget,
+  not from one ratio for every layer.
+
+The head's output convolutions are never pruned: their channels are the classes and box
+bins of the I/O contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from compressed_perception.atomic import write_json
+from compressed_perception.compress.artifacts import torch_model, write_model
+from compressed_perception.compress.objective import discrepancy
+from compressed_perception.compress.stage import (
+    STUDENT,
+    BuildContext,
+    ModelRef,
+    Stage,
+    Table,
+    Variant,
+)
 from compressed_perception.errors import ConfigError
-from compressed_perception.models.nanodet import DeployModel, NanoDet
+from compressed_perception.models.nanodet import NanoDet
 
-IMPORTANCE = ("magnitude", "taylor")
-MAX_RATIO = 0.9
+IMPORTANCE = ("reconstruction", "magnitude")
+ALLOCATION = ("sensitivity", "uniform")
+ROUND_TO = 8  # channel counts that vector units and INT8 kernels like
+SEEN = 0.35  # a score the runtime reports: an output level producing one is in use
+GRAM_ROWS = 16384  # input positions per batch that estimate a layer's input statistics
+RIDGE = 1e-3  # regularisation of a local refit, relative to the mean input variance
+BATCH = 4
 
 
 @dataclass(frozen=True)
 class PruneSettings:
-    ratio: float = 0.5  # share of prunable channels removed
-    importance: str = "magnitude"  # L2 norm of each channel's weights, or first-order Taylor
-    global_pruning: bool = False  # rank channels across layers instead of per layer
-    protect: tuple[str, ...] = ()  # module names kept whole, besides the head's outputs
+    macs: float = 0.55  # budget: the pruned model's MACs as a share of the original's
+    importance: str = "reconstruction"  # or magnitude (weight L2 norm), for comparison
+    allocation: str = "sensitivity"  # per-group shares from the scan, or uniform
+    scan_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # shares each group is scanned at
+    max_ratio: float = 0.75  # most of any group's channels that may go
+    calibration_frames: int = 32  # training frames for importance and the scan
+    protect: tuple[str, ...] = ()  # convolutions kept whole, besides the head's outputs
+    # keep whole the head of any output level where the original detects nothing on the
+    # calibration frames: its loss there could not be seen, so it is not spent
+    protect_unseen_levels: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio <= MAX_RATIO:
-            raise ConfigError(f"prune ratio: {self.ratio} is outside (0, {MAX_RATIO}]")
+        if not 0.05 <= self.macs < 1.0:
+            raise ConfigError(f"prune macs: {self.macs} is outside [0.05, 1)")
         if self.importance not in IMPORTANCE:
             raise ConfigError(f"prune importance: {self.importance!r} is not one of {IMPORTANCE}")
+        if self.allocation not in ALLOCATION:
+            raise ConfigError(f"prune allocation: {self.allocation!r} is not one of {ALLOCATION}")
+        if not 0.0 < self.max_ratio <= 0.9:
+            raise ConfigError(f"prune max_ratio: {self.max_ratio} is outside (0, 0.9]")
+        if not self.scan_ratios or not all(0 < r <= self.max_ratio for r in self.scan_ratios):
+            raise ConfigError(
+                f"prune scan_ratios: {list(self.scan_ratios)} must be in (0, max_ratio]"
+            )
+        if self.calibration_frames < BATCH:
+            raise ConfigError(
+                f"prune calibration_frames: {self.calibration_frames} is too few (>= {BATCH})"
+            )
 
 
 @dataclass(frozen=True)
@@ -42,8 +93,13 @@ class PruneReport:
     params_after: int
     macs_before: int
     macs_after: int
+    # group (its root convolution) -> channels before and after
+    channels: dict[str, list[int]] = field(default_factory=dict)
+    # group -> output discrepancy when only that group is pruned, per scanned ratio
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    unseen_levels: list[int] = field(default_factory=list)  # levels whose heads were kept
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "params_before": self.params_before,
             "params_after": self.params_after,
@@ -51,62 +107,543 @@ class PruneReport:
             "macs_after": self.macs_after,
             "params_ratio": round(self.params_after / self.params_before, 4),
             "macs_ratio": round(self.macs_after / self.macs_before, 4),
+            "channels": self.channels,
+            "sensitivity": self.sensitivity,
+            "unseen_levels": self.unseen_levels,
         }
 
 
+@dataclass
+class Group:
+    """Output channels that must go together, and where each one is read.
+
+    `consumers` maps a convolution to the input channel that each of the group's channels
+    is in it (a concatenation shifts them); `producers` are the convolutions whose output
+    channels these are (the neck's sums couple three).
+    """
+
+    root: str
+    size: int
+    producers: list[str]
+    consumers: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What `prune` did: the report, and the original output channels each conv kept."""
+
+    report: PruneReport
+    kept: dict[str, list[int]]
+
+
 def prune(
-    model: NanoDet, settings: PruneSettings, images: Sequence[np.ndarray] = ()
-) -> PruneReport:
-    """Prune `model` in place. Taylor importance needs real `images` (letterboxed uint8 HWC).
+    model: NanoDet, settings: PruneSettings, images: Sequence[np.ndarray], device: str = "cpu"
+) -> Pruned:
+    """Prune `model` in place to `settings.macs` of its MACs, calibrated on `images`.
 
-    The head's output convolutions are never pruned: their channels are the classes and
-    box bins of the I/O contract.
+    `images` are letterboxed uint8 HWC frames of the training range. The scan runs on
+    `device`; the pruned model is returned on the CPU.
     """
-    height, width = model.config.input_size
-    example = torch.zeros(1, 3, height, width)
-    protected = _protected(model, settings.protect)
-    before_macs, before_params = tp.utils.count_ops_and_params(model, example)
-    importance: tp.importance.Importance
-    if settings.importance == "taylor":
-        if not images:
-            raise ConfigError("prune importance 'taylor' needs calibration images")
-        _accumulate_output_gradients(model, images)
-        importance = tp.importance.TaylorImportance()
+    if len(images) < BATCH:
+        raise ConfigError(f"prune: {len(images)} calibration frames, at least {BATCH} needed")
+    model.cpu().eval()
+    example = torch.zeros(1, 3, *model.config.input_size)
+    macs_before, params_before = tp.utils.count_ops_and_params(model, example)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    model.to(device)
+    batches = [batch.to(device) for batch in normalized_batches(model, images)]
+    unseen = unseen_levels(model, batches) if settings.protect_unseen_levels else []
+    protect = (*settings.protect, *(f"head.convs.{level}.conv" for level in unseen))
+    model.cpu()
+    groups = channel_groups(model, graph, protect)
+    costs = _MacsModel(model, groups, float(macs_before))
+    model.to(device)
+    stats = _Statistics.measure(model, groups, batches)
+    ranking = {g.root: _ranking(model, g, stats, settings.importance) for g in groups}
+    if settings.allocation == "uniform":
+        sensitivity: dict[str, dict[str, float]] = {}
+        removed = _uniform(groups, costs, settings)
     else:
-        importance = tp.importance.MagnitudeImportance(p=2)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=importance,
-        pruning_ratio=settings.ratio,
-        global_pruning=settings.global_pruning,
-        ignored_layers=protected,
-        round_to=8,  # channel counts that vector units and INT8 kernels like
+        sensitivity = scan(model, groups, ranking, stats, batches, settings.scan_ratios)
+        removed = _allocate(groups, costs, sensitivity, settings)
+    plan = {g.root: ranking[g.root][: removed[g.root]] for g in groups}
+    model.cpu()
+    stats = stats.to("cpu")
+    kept = _apply(model, graph, groups, plan, stats)
+    macs_after, params_after = tp.utils.count_ops_and_params(model, example)
+    channels = {g.root: [g.size, g.size - removed[g.root]] for g in groups}
+    report = PruneReport(
+        int(params_before),
+        int(params_after),
+        int(macs_before),
+        int(macs_after),
+        channels,
+        sensitivity,
+        unseen,
     )
-    pruner.step()
-    model.zero_grad(set_to_none=True)
-    after_macs, after_params = tp.utils.count_ops_and_params(model, example)
-    return PruneReport(int(before_params), int(after_params), int(before_macs), int(after_macs))
+    return Pruned(report, kept)
 
 
-def _protected(model: NanoDet, names: Sequence[str]) -> list[nn.Module]:
+def unseen_levels(model: NanoDet, batches: Sequence[torch.Tensor]) -> list[int]:
+    """Output levels where the model detects nothing (no score >= SEEN) on these frames."""
+    peaks = [0.0] * len(model.head.preds)
+    classes = model.config.num_classes
+    with torch.no_grad():
+        for batch in batches:
+            for level, (logits, _box) in enumerate(model(batch)):
+                peaks[level] = max(peaks[level], float(logits[:, :classes].sigmoid().max()))
+    return [level for level, peak in enumerate(peaks) if peak < SEEN]
+
+
+def channel_groups(
+    model: NanoDet, graph: tp.DependencyGraph, protect: Sequence[str] = ()
+) -> list[Group]:
+    """Every prunable group of output channels, in the graph's order."""
     modules = dict(model.named_modules())
-    unknown = [name for name in names if name not in modules]
+    unknown = [name for name in protect if not isinstance(modules.get(name), nn.Conv2d)]
     if unknown:
-        raise ConfigError(f"prune protect: no module {unknown} in the model")
-    return [*model.head.preds, *(modules[name] for name in names)]
+        raise ConfigError(f"prune protect: no convolution {unknown} in the model")
+    ignored = [*model.head.preds, *(modules[name] for name in protect)]
+    names = {module: name for name, module in modules.items()}
+    groups = []
+    for found in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        root = found[0].dep.target.module
+        full = graph.get_pruning_group(
+            root, tp.prune_conv_out_channels, list(range(root.out_channels))
+        )
+        producers, consumers = [], {}
+        for item in full.items:
+            layer = item.dep.layer
+            if not isinstance(layer, nn.Conv2d):
+                continue
+            order = np.argsort(np.asarray(item.root_idxs))
+            if item.dep.pruning_fn == tp.prune_conv_out_channels:
+                producers.append(names[layer])
+            elif item.dep.pruning_fn == tp.prune_conv_in_channels:
+                consumers[names[layer]] = np.asarray(item.idxs)[order]
+        groups.append(Group(names[root], root.out_channels, producers, consumers))
+    return groups
 
 
-def _accumulate_output_gradients(model: NanoDet, images: Sequence[np.ndarray]) -> None:
-    """Label-free first-order Taylor: gradients of the outputs' energy on real frames.
+def normalized_batches(model: NanoDet, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """Calibration frames as the network sees them, in batches of `BATCH`."""
+    mean = torch.tensor(model.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.config.std).view(1, 3, 1, 1)
+    stacked = torch.from_numpy(np.ascontiguousarray(np.stack(images)))
+    x = (stacked.float().permute(0, 3, 1, 2) - mean) / std
+    return list(x.split(BATCH))
 
-    |w * dE/dw| estimates how much the detector's response E = sum of squared class and
-    box logits changes when a channel is removed; no labels are needed for that.
+
+class _Statistics:
+    """Per consumer convolution: its input channels' means, and per input channel the
+    squared error its removal (mean folded into the bias) causes in the conv's output,
+    relative to that output's own energy."""
+
+    def __init__(self) -> None:
+        self.means: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, torch.Tensor] = {}
+        self.grams: dict[str, torch.Tensor] = {}  # of the input patches plus a ones column
+
+    def to(self, device: str) -> _Statistics:
+        moved = _Statistics()
+        moved.means = {k: v.to(device) for k, v in self.means.items()}
+        moved.errors = {k: v.to(device) for k, v in self.errors.items()}
+        moved.grams = {k: v.to(device) for k, v in self.grams.items()}
+        return moved
+
+    @classmethod
+    def measure(
+        cls, model: NanoDet, groups: Sequence[Group], batches: Sequence[torch.Tensor]
+    ) -> _Statistics:
+        consumers = sorted({name for g in groups for name in g.consumers})
+        stats = cls()
+        sums = _hooked_pass(model, consumers, batches, _channel_sums)
+        stats.means = {name: total / count for name, (total, count) in sums.items()}
+
+        def removal_error(
+            name: str, conv: nn.Conv2d, x: torch.Tensor, out: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            centred = x - stats.means[name].view(1, -1, 1, 1)
+            energy = (out - out.mean(dim=(0, 2, 3), keepdim=True)).square().sum()
+            return _removal_error(conv, centred), energy, gram(conv, x)
+
+        totals = _hooked_pass(model, consumers, batches, removal_error)
+        stats.errors = {name: error / energy for name, (error, energy, _) in totals.items()}
+        stats.grams = {name: matrix for name, (_, _, matrix) in totals.items()}
+        return stats
+
+
+def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """(samples, cin * kh * kw) rows in the order of `conv.weight.flatten(1)`."""
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def gram(conv: nn.Conv2d, x: torch.Tensor, rows: int = GRAM_ROWS) -> torch.Tensor:
+    """X^T X of the conv's input patches with a ones column, on at most `rows` positions
+    spread over the batch (enough to estimate it; all of them cost minutes)."""
+    found = patches(conv, x)
+    if len(found) > rows:
+        found = found[:: -(-len(found) // rows)]
+    ones = torch.ones(len(found), 1, device=found.device)
+    found = torch.cat((found, ones), dim=1).double()
+    return found.T @ found
+
+
+def _channel_sums(
+    _name: str, _conv: nn.Conv2d, x: torch.Tensor, _out: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    return x.sum(dim=(0, 2, 3)), torch.tensor(float(x.shape[0] * x.shape[2] * x.shape[3]))
+
+
+def _removal_error(conv: nn.Conv2d, centred: torch.Tensor) -> torch.Tensor:
+    """Per input channel i: ||conv(x_i - mean_i, W[:, i])||^2, each channel alone.
+
+    The energy of a convolution's output is its kernel's autocorrelation weighted by the
+    input's autocorrelation, over the (2k - 1)^2 relative shifts of a k x k kernel; both
+    are cheap, where convolving every channel separately would cost a full layer. A
+    strided layer samples one position in stride^2 of them.
     """
-    deploy = DeployModel(model)
-    model.zero_grad(set_to_none=True)
-    for image in images:
-        batch = torch.from_numpy(np.ascontiguousarray(image))[None]
-        x = (batch.permute(0, 3, 1, 2).float() - deploy.mean) * deploy.inv_std
-        energy = sum((cls.square().sum() + box.square().sum()) for cls, box in model(x))
-        energy.backward()
+    kh, kw = conv.kernel_size
+    stride = conv.stride[0] * conv.stride[1]
+    total = torch.zeros(conv.in_channels, device=centred.device)
+    height, width = centred.shape[2:]
+    for dy in range(-(kh - 1), kh):
+        for dx in range(-(kw - 1), kw):
+            a = centred[:, :, max(0, dy) : height + min(0, dy), max(0, dx) : width + min(0, dx)]
+            b = centred[:, :, max(0, -dy) : height + min(0, -dy), max(0, -dx) : width + min(0, -dx)]
+            signal = (a * b).sum(dim=(0, 2, 3))  # (cin,)
+            w1 = conv.weight[:, :, max(0, -dy) : kh + min(0, -dy), max(0, -dx) : kw + min(0, -dx)]
+            w2 = conv.weight[:, :, max(0, dy) : kh + min(0, dy), max(0, dx) : kw + min(0, dx)]
+            kernel = (w1 * w2).sum(dim=(0, 2, 3))  # (cin,)
+            total += kernel * signal
+    return total / stride
+
+
+# (conv name, conv, its input, its output) -> values summed over batches
+Measure = Callable[[str, nn.Conv2d, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def _hooked_pass(
+    model: NanoDet, names: Sequence[str], batches: Sequence[torch.Tensor], measure: Measure
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Sum `measure(name, conv, input, output)` over every batch for each named conv."""
+    modules = dict(model.named_modules())
+    totals: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(conv: nn.Conv2d, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            value = measure(name, conv, inputs[0], out)
+            previous = totals.get(name)
+            totals[name] = (
+                value
+                if previous is None
+                else tuple(a + b for a, b in zip(previous, value, strict=True))
+            )
+
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return totals
+
+
+def _ranking(model: NanoDet, group: Group, stats: _Statistics, importance: str) -> list[int]:
+    """The group's channels, least important first."""
+    if importance == "magnitude":
+        modules = dict(model.named_modules())
+        weights = [modules[name].weight.detach() for name in group.producers]
+        scores = sum(w.flatten(1).square().sum(1) for w in weights)
+    else:
+        scores = sum(
+            stats.errors[name][torch.from_numpy(index)] for name, index in group.consumers.items()
+        )
+    return [int(i) for i in torch.argsort(torch.as_tensor(scores), stable=True)]
+
+
+def scan(
+    model: NanoDet,
+    groups: Sequence[Group],
+    ranking: dict[str, list[int]],
+    stats: _Statistics,
+    batches: Sequence[torch.Tensor],
+    ratios: Sequence[float],
+) -> dict[str, dict[str, float]]:
+    """Output discrepancy from the original when one group alone loses each share."""
+    with torch.no_grad():
+        reference = [model(batch) for batch in batches]
+    table: dict[str, dict[str, float]] = {}
+    for group in groups:
+        row = {}
+        for ratio in ratios:
+            count = _rounded(group.size, ratio)
+            masked = copy.deepcopy(model)
+            _refit_and_mask(masked, group, ranking[group.root][:count], stats)
+            row[f"{ratio:g}"] = _mean_discrepancy(masked, batches, reference)
+        table[group.root] = row
+    return table
+
+
+def _mean_discrepancy(
+    model: NanoDet, batches: Sequence[torch.Tensor], reference: Sequence[object]
+) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for batch, teacher in zip(batches, reference, strict=True):
+            terms = discrepancy(teacher, model(batch))  # type: ignore[arg-type]
+            total += float(terms["class"] + terms["box"])
+    return round(total / len(batches), 6)
+
+
+def _fold_and_mask(
+    model: NanoDet, group: Group, channels: Sequence[int], stats: _Statistics
+) -> None:
+    """Remove `channels` from the group's consumers in effect: their mean contribution goes
+    into each consumer's bias, their weights to zero. Removal itself then changes nothing."""
+    if not channels:
+        return
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, index in group.consumers.items():
+            conv = modules[name]
+            inputs = torch.from_numpy(index[list(channels)])
+            mean = stats.means[name][inputs]
+            kernel_sums = conv.weight[:, inputs].sum(dim=(2, 3))  # (cout, removed)
+            conv.bias += kernel_sums @ mean
+            conv.weight[:, inputs] = 0.0
+
+
+def _refit_and_mask(
+    model: NanoDet, group: Group, channels: Sequence[int], stats: _Statistics
+) -> None:
+    """Remove `channels` in effect and refit each consumer, alone, on its other inputs by
+    least squares from its input statistics: what reconstruction will recover of this
+    group's loss, so the scan prices a group by the damage that remains."""
+    if not channels:
+        return
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, index in group.consumers.items():
+            conv = modules[name]
+            taps = conv.kernel_size[0] * conv.kernel_size[1]
+            gone = torch.from_numpy(index[list(channels)])
+            removed = (gone[:, None] * taps + torch.arange(taps)).flatten()
+            matrix = stats.grams[name]
+            size = matrix.shape[0]
+            keep = torch.ones(size, dtype=torch.bool, device=matrix.device)
+            keep[removed.to(matrix.device)] = False
+            weights = torch.cat((conv.weight.flatten(1), conv.bias[:, None]), dim=1).T.double()
+            kept = matrix[keep][:, keep]
+            ridge = RIDGE * float(kept.diagonal()[:-1].mean())
+            regulariser = torch.eye(len(kept), dtype=kept.dtype, device=kept.device) * ridge
+            regulariser[-1, -1] = 0.0  # the bias is not shrunk
+            solved = torch.linalg.solve(kept + regulariser, matrix[keep] @ weights)
+            refitted = torch.zeros_like(weights)
+            refitted[keep] = solved
+            conv.weight.copy_(refitted[:-1].T.reshape(conv.weight.shape).float())
+            conv.bias.copy_(refitted[-1].float())
+
+
+def _apply(
+    model: NanoDet,
+    graph: tp.DependencyGraph,
+    groups: Sequence[Group],
+    plan: dict[str, list[int]],
+    stats: _Statistics,
+) -> dict[str, list[int]]:
+    """Fold every removed channel into the biases, then remove them all; returns the
+    original output channels each producer keeps (every conv's, pruned or not)."""
+    for group in groups:
+        _fold_and_mask(model, group, plan[group.root], stats)
+    modules = dict(model.named_modules())
+    convs = {name: m for name, m in modules.items() if isinstance(m, nn.Conv2d)}
+    kept = {name: list(range(conv.out_channels)) for name, conv in convs.items()}
+    for group in groups:
+        removed = sorted(plan[group.root])
+        if not removed:
+            continue
+        graph.get_pruning_group(modules[group.root], tp.prune_conv_out_channels, removed).prune()
+        gone = set(removed)
+        for name in group.producers:
+            kept[name] = [c for c in kept[name] if c not in gone]
+    return kept
+
+
+def _rounded(size: int, ratio: float) -> int:
+    """Channels to remove for `ratio`, keeping a multiple of ROUND_TO and at least ROUND_TO."""
+    keep = max(ROUND_TO, math.ceil(size * (1 - ratio) / ROUND_TO) * ROUND_TO)
+    return max(0, size - keep)
+
+
+class _MacsModel:
+    """MACs of the network as a function of how many channels each group loses."""
+
+    def __init__(self, model: NanoDet, groups: Sequence[Group], total: float) -> None:
+        modules = dict(model.named_modules())
+        self.convs: dict[str, tuple[float, int, int, int]] = {}  # pixels*k*k, cin, cout, groups
+        sizes: dict[str, int] = {}
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(_conv: nn.Conv2d, _inputs: object, out: torch.Tensor) -> None:
+                sizes[name] = out.shape[2] * out.shape[3]
+
+            return hook
+
+        convs = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d)}
+        handles = [m.register_forward_hook(record(n)) for n, m in convs.items()]
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *model.config.input_size))
+        for handle in handles:
+            handle.remove()
+        for name, conv in convs.items():
+            kernel = conv.kernel_size[0] * conv.kernel_size[1]
+            self.convs[name] = (
+                sizes[name] * kernel,
+                conv.in_channels,
+                conv.out_channels,
+                conv.groups,
+            )
+        self.out_group = {p: g.root for g in groups for p in g.producers}
+        self.in_groups = {name: [g.root for g in groups if name in g.consumers] for name in convs}
+        # what the convolutions leave of the whole count (pooling, sums, resizes), kept as is
+        self.other = 0.0
+        self.other = total - self.macs({})
+
+    def macs(self, removed: dict[str, int]) -> float:
+        total = 0.0
+        for name, (pixels, cin, cout, conv_groups) in self.convs.items():
+            inputs = cin - sum(removed.get(g, 0) for g in self.in_groups[name])
+            outputs = cout - removed.get(self.out_group.get(name, ""), 0)
+            total += pixels * inputs * outputs / conv_groups
+        return total + self.other
+
+
+def _uniform(groups: Sequence[Group], costs: _MacsModel, settings: PruneSettings) -> dict[str, int]:
+    """The smallest single share, applied to every group, that meets the MACs budget."""
+    budget = settings.macs * costs.macs({})
+    for step in range(1, 91):
+        ratio = min(step / 100, settings.max_ratio)
+        removed = {g.root: _rounded(g.size, ratio) for g in groups}
+        if costs.macs(removed) <= budget:
+            return removed
+        if ratio >= settings.max_ratio:
+            break
+    raise ConfigError(_budget_error(settings, costs, groups))
+
+
+def _allocate(
+    groups: Sequence[Group],
+    costs: _MacsModel,
+    sensitivity: dict[str, dict[str, float]],
+    settings: PruneSettings,
+) -> dict[str, int]:
+    """Greedy: repeatedly take the ROUND_TO-channel step that costs least discrepancy per
+    MAC saved, interpolating each group's scanned curve, until the budget is met."""
+    budget = settings.macs * costs.macs({})
+    removed = {g.root: 0 for g in groups}
+    limits = {g.root: _rounded(g.size, settings.max_ratio) for g in groups}
+    curves = {g.root: _curve(g.size, sensitivity[g.root]) for g in groups}
+    current = costs.macs(removed)
+    while current > budget:
+        best, best_price = None, math.inf
+        for group in groups:
+            count = removed[group.root]
+            step = min(ROUND_TO, limits[group.root] - count)
+            if step <= 0:
+                continue
+            trial = {**removed, group.root: count + step}
+            saved = current - costs.macs(trial)
+            curve = curves[group.root]
+            price = (curve(count + step) - curve(count)) / max(saved, 1e-9)
+            if price < best_price:
+                best, best_price = group.root, price
+        if best is None:
+            raise ConfigError(_budget_error(settings, costs, groups))
+        removed[best] += min(ROUND_TO, limits[best] - removed[best])
+        current = costs.macs(removed)
+    return removed
+
+
+def _curve(size: int, row: dict[str, float]) -> Callable[[int], float]:
+    """Discrepancy against channels removed: linear between the scanned points, never
+    falling as more channels go, and growing linearly past the last point."""
+    points = sorted((_rounded(size, float(r)), max(0.0, value)) for r, value in row.items())
+    xs = np.array([0.0, *(p[0] for p in points)])
+    ys = np.maximum.accumulate(np.array([0.0, *(p[1] for p in points)]))
+
+    def at(count: int) -> float:
+        if count > xs[-1]:
+            return float(ys[-1] * count / max(xs[-1], 1.0))
+        return float(np.interp(count, xs, ys))
+
+    return at
+
+
+def _budget_error(settings: PruneSettings, costs: _MacsModel, groups: Sequence[Group]) -> str:
+    floor = costs.macs({g.root: _rounded(g.size, settings.max_ratio) for g in groups})
+    return (
+        f"prune macs: {settings.macs} is below what pruning can reach: at max_ratio "
+        f"{settings.max_ratio} in every group the model keeps {floor / costs.macs({}):.3f} "
+        "of its MACs (the head's outputs and protected layers stay whole)"
+    )
+
+
+KEPT = "kept.json"  # beside a pruned model: the original output channels each conv kept
+
+
+def _produce(
+    context: BuildContext, parent: ModelRef, settings: PruneSettings, folder: Path
+) -> dict[str, Any]:
+    model = torch_model(parent.manifest, "pruning")
+    images = context.calibration(settings.calibration_frames, parent.manifest)
+    result = prune(model, settings, list(images), device=context.device)
+    write_json(folder / KEPT, result.kept)
+    write_model(
+        model,
+        folder,
+        parent.manifest,
+        "pruned",
+        dynamic_batch=context.recipe.export.dynamic_batch,
+    )
+    return result.report.to_dict()
+
+
+def _tables(info: dict[str, Any]) -> dict[str, Table]:
+    sensitivity = info.get("sensitivity") or {}
+    ratios = sorted({r for row in sensitivity.values() for r in row}, key=float)
+    channels = info.get("channels", {})
+    rows = tuple(
+        (
+            group,
+            *(f"{row.get(r, float('nan')):.4f}" for r in ratios),
+            "{} -> {}".format(*channels.get(group, ("?", "?"))),
+        )
+        for group, row in sensitivity.items()
+    )
+    note = (
+        "Output discrepancy from the original (class KL + box KL, teacher-objectness "
+        "weighted, on calibration frames) when only that group loses the given share of "
+        "its channels, their mean folded into the next layers' biases; and the channels the "
+        "allocation kept under the MACs budget."
+    )
+    columns = ("group", *(f"share {r}" for r in ratios), "channels")
+    return {"Pruning sensitivity": Table(columns, rows, note)} if rows else {}
+
+
+STAGE = Stage(
+    section="prune",
+    settings=PruneSettings,
+    produce=_produce,
+    variants=(Variant(STUDENT, "prune", "pruned"),),
+    makes_student=True,
+    revision=2,
+    tables=_tables,
+)

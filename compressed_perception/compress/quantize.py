@@ -19,7 +19,7 @@ import multiprocessing
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,18 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
+from compressed_perception import quiet
 from compressed_perception.atomic import atomic_path
+from compressed_perception.compress import graph_rules
+from compressed_perception.compress.artifacts import write_manifest
+from compressed_perception.compress.stage import (
+    ORIGINAL,
+    STUDENT,
+    BuildContext,
+    ModelRef,
+    Stage,
+    Variant,
+)
 from compressed_perception.errors import ConfigError, ModelError
 
 QDQ_METHODS = ("entropy", "max")
@@ -54,7 +65,7 @@ class QdqSettings(KeepSettings):
     high_precision: str = "fp16"  # dtype of everything not quantized (TensorRT runs it so)
 
     def __post_init__(self) -> None:
-        _check_common("quantize_qdq", self.calibration_frames)
+        check_calibration_count("quantize_qdq", self.calibration_frames)
         if self.method not in QDQ_METHODS:
             raise ConfigError(f"quantize_qdq method: {self.method!r} is not one of {QDQ_METHODS}")
         if self.high_precision not in HIGH_PRECISION:
@@ -74,14 +85,14 @@ class OrtSettings(KeepSettings):
     reduce_range: bool = True
 
     def __post_init__(self) -> None:
-        _check_common("quantize_ort", self.calibration_frames)
+        check_calibration_count("quantize_ort", self.calibration_frames)
         if self.method not in ORT_METHODS:
             raise ConfigError(f"quantize_ort method: {self.method!r} is not one of {ORT_METHODS}")
         if not self.op_types:
             raise ConfigError("quantize_ort op_types: empty list quantizes nothing")
 
 
-def _check_common(stage: str, frames: int) -> None:
+def check_calibration_count(stage: str, frames: int) -> None:
     if frames < MIN_CALIBRATION_FRAMES:
         raise ConfigError(
             f"{stage} calibration_frames: {frames} is too few (at least {MIN_CALIBRATION_FRAMES})"
@@ -89,7 +100,11 @@ def _check_common(stage: str, frames: int) -> None:
 
 
 def kept_nodes(model: onnx.ModelProto, keep: KeepSettings) -> list[str]:
-    """Names of the nodes to leave unquantized, as exact-match patterns."""
+    """Names of the nodes to leave unquantized, each exactly one node of `model`.
+
+    A pattern of `keep.nodes` names every node it matches whole (`re.fullmatch`), so
+    `conv_1` never also keeps `conv_10`.
+    """
     convs = [node for node in model.graph.node if node.op_type == "Conv"]
     if not convs:
         raise ModelError(f"{model.graph.name or 'model'}: no Conv node to quantize")
@@ -98,11 +113,19 @@ def kept_nodes(model: onnx.ModelProto, keep: KeepSettings) -> list[str]:
         names.append(convs[0].name)  # ONNX nodes are topologically sorted
     if keep.head_outputs:
         names.extend(_head_outputs(model, convs))
-    known = {node.name for node in model.graph.node}
+    known = [node.name for node in model.graph.node]
     for pattern in keep.nodes:
-        if not any(re.fullmatch(pattern, name) for name in known):
+        matched = [name for name in known if re.fullmatch(pattern, name)]
+        if not matched:
             raise ConfigError(f"keep nodes: {pattern!r} matches no node of the model")
-    return [re.escape(name) for name in names] + list(keep.nodes)
+        names.extend(matched)
+    return list(dict.fromkeys(names))
+
+
+def exact_patterns(names: Sequence[str]) -> list[str]:
+    """Regular expressions for tools that match node names with `re.match`, a prefix match
+    (ModelOpt): anchored at both ends, each matches its one name only."""
+    return [f"^{re.escape(name)}$" for name in names]
 
 
 def _head_outputs(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto]) -> list[str]:
@@ -138,7 +161,7 @@ def quantize_qdq(
     ModelOpt runs in a child process: it patches ONNX Runtime's calibration classes when
     it runs, which breaks any ONNX Runtime quantization later in the same process.
     """
-    _check_calibration(calibration, settings.calibration_frames)
+    check_calibration(calibration, settings.calibration_frames)
     excluded = kept_nodes(onnx.load(str(source)), settings)
     with tempfile.TemporaryDirectory(prefix="qdq-") as scratch, atomic_path(dest) as tmp:
         work = Path(scratch) / "model.onnx"
@@ -147,7 +170,7 @@ def quantize_qdq(
         np.save(frames, calibration)
         options = {
             "calibration_method": settings.method,
-            "nodes_to_exclude": excluded,
+            "nodes_to_exclude": exact_patterns(excluded),
             "high_precision_dtype": settings.high_precision,
         }
         context = multiprocessing.get_context("spawn")
@@ -160,15 +183,16 @@ def quantize_qdq(
 def _modelopt(work: Path, frames: Path, dest: Path, options: dict[str, Any]) -> None:
     from modelopt.onnx.quantization import quantize
 
-    quantize(
-        str(work),
-        quantize_mode="int8",
-        calibration_data={"images": np.load(frames)},
-        calibration_eps=["cpu"],
-        output_path=str(dest),
-        log_level="WARNING",
-        **options,
-    )
+    with quiet.modelopt_on_cpu():
+        quantize(
+            str(work),
+            quantize_mode="int8",
+            calibration_data={"images": np.load(frames)},
+            calibration_eps=["cpu"],
+            output_path=str(dest),
+            log_level="WARNING",
+            **options,
+        )
 
 
 def quantize_ort(
@@ -177,17 +201,15 @@ def quantize_ort(
     """Write the ONNX Runtime static QDQ model to `dest`; returns the nodes kept unquantized."""
     from onnxruntime import quantization as q
 
-    _check_calibration(calibration, settings.calibration_frames)
+    check_calibration(calibration, settings.calibration_frames)
     model = onnx.load(str(source))
     excluded = kept_nodes(model, settings)
-    names = [node.name for node in model.graph.node]
-    exclude = sorted({n for n in names if any(re.fullmatch(p, n) for p in excluded)})
     methods = {
         "minmax": q.CalibrationMethod.MinMax,
         "entropy": q.CalibrationMethod.Entropy,
         "percentile": q.CalibrationMethod.Percentile,
     }
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp, quiet.onnxruntime_quantization():
         q.quantize_static(
             str(source),
             str(tmp),
@@ -198,14 +220,14 @@ def quantize_ort(
             reduce_range=settings.reduce_range,
             activation_type=q.QuantType.QUInt8,
             weight_type=q.QuantType.QInt8,
-            nodes_to_exclude=exclude,
+            nodes_to_exclude=excluded,
             calibrate_method=methods[settings.method],
         )
         _check_written(tmp, "ONNX Runtime quantization")
     return excluded
 
 
-def _check_calibration(calibration: np.ndarray, wanted: int) -> None:
+def check_calibration(calibration: np.ndarray, wanted: int) -> None:
     if calibration.ndim != 4 or calibration.dtype != np.uint8 or calibration.shape[-1] != 3:
         raise ConfigError(
             f"calibration: need letterboxed uint8 (N, H, W, 3) frames, got {calibration.dtype} "
@@ -235,3 +257,60 @@ class _Reader(CalibrationDataReader):
     def get_next(self) -> dict[str, np.ndarray] | None:
         frame = next(self._frames, None)
         return None if frame is None else {self._name: frame[None]}
+
+
+def verified_int8(path: Path, kept: Sequence[str], tool: str) -> dict[str, object]:
+    """The artifact's own graph must back its "int8" claim: every convolution but the kept
+    ones reads INT8 input and INT8 weights. Returns the counts for manifest and report."""
+    convs = graph_rules.convolutions(graph_rules.load(path))
+    missing = graph_rules.missing_int8(convs, kept)
+    if missing or not convs.int8:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ModelError(
+            f"{path}: {tool} left {len(missing)} of {convs.total} convolutions outside INT8 "
+            f"that the recipe did not keep ({shown or 'no INT8 convolution at all'})"
+        )
+    return graph_rules.summary(convs, kept)
+
+
+def _stage_producer(
+    run: Callable[[Path, Path, np.ndarray, Any], list[str]], tool: str, precision: str
+) -> Callable[[BuildContext, ModelRef, Any, Path], dict[str, Any]]:
+    def produce(
+        context: BuildContext, parent: ModelRef, settings: Any, folder: Path
+    ) -> dict[str, Any]:
+        manifest = parent.manifest
+        calibration = context.calibration(settings.calibration_frames, manifest)
+        kept = run(manifest.artifact("onnx"), folder / "model.onnx", calibration, settings)
+        counts = verified_int8(folder / "model.onnx", kept, tool)
+        write_manifest(
+            folder,
+            {"onnx": "model.onnx"},
+            manifest,
+            name=f"{manifest.name}-{precision}",
+            precision=precision,
+            stage=tool,
+            build={"int8": counts},
+        )
+        return counts
+
+    return produce
+
+
+ORT_STAGE = Stage(
+    section="quantize_ort",
+    settings=OrtSettings,
+    produce=_stage_producer(quantize_ort, "quantize_ort", "int8"),
+    variants=(
+        Variant(STUDENT, "ort-int8", "ort-int8"),
+        Variant(ORIGINAL, "ort-int8-unpruned", "ort-int8-unpruned"),
+    ),
+)
+QDQ_STAGE = Stage(
+    section="quantize_qdq",
+    settings=QdqSettings,
+    produce=_stage_producer(quantize_qdq, "quantize_qdq", "int8-qdq"),
+    variants=(Variant(STUDENT, "quantize_qdq", "qdq-int8"),),
+    cpu=False,  # made for TensorRT; measured with ONNX Runtime where no GPU is
+    revision=2,  # node patterns anchored: the first revision quantized no convolution
+)

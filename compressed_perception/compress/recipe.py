@@ -7,34 +7,23 @@ default would build a different model than the one the recipe describes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from compressed_perception.compress.distill import DistillSettings
-from compressed_perception.compress.prune import PruneSettings
-from compressed_perception.compress.quantize import OrtSettings, QdqSettings
-from compressed_perception.compress.tensorrt import EngineSettings
+from compressed_perception.compress.stages import STAGES
 from compressed_perception.datasets import HELD_OUT_FRAMES, TRAIN_FRAMES, VTEST, FrameSource
 from compressed_perception.errors import ConfigError
 
-SECTIONS = (
-    "source",
-    "train",
-    "evaluate",
-    "prune",
-    "distill",
-    "export",
-    "quantize_qdq",
-    "quantize_ort",
-    "tensorrt",
-    "bench",
-    "labels",
-    "quick",
-)
+DEVICES = ("auto", "cpu", "cuda")
+STAGE_TYPES: dict[str, type] = {stage.section: stage.settings for stage in STAGES}
+FIXED = ("source", "device", "train", "evaluate", "export", "bench", "labels")
+SECTIONS = (*FIXED, *STAGE_TYPES, "quick")
 
 
 @dataclass(frozen=True)
@@ -65,44 +54,59 @@ class LabelSettings:
             raise ConfigError("labels: both coco (a COCO JSON) and images (a folder) are needed")
 
 
+def _default_stages() -> dict[str, Any]:
+    return {section: kind() for section, kind in STAGE_TYPES.items()}
+
+
 @dataclass(frozen=True)
 class Recipe:
     source: str = ""  # model manifest; "" is the packaged FP32 NanoDet-g
+    device: str = "auto"  # where prune, reconstruct and distill run: auto, cpu or cuda
     train: FrameSource = field(
         default_factory=lambda: FrameSource(start=TRAIN_FRAMES.start, stop=TRAIN_FRAMES.stop)
     )
     evaluate: FrameSource = field(
         default_factory=lambda: FrameSource(start=HELD_OUT_FRAMES.start, stop=HELD_OUT_FRAMES.stop)
     )
-    prune: PruneSettings | None = field(default_factory=PruneSettings)
-    distill: DistillSettings | None = field(default_factory=DistillSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
-    quantize_qdq: QdqSettings | None = field(default_factory=QdqSettings)
-    quantize_ort: OrtSettings | None = field(default_factory=OrtSettings)
-    tensorrt: EngineSettings | None = field(default_factory=EngineSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     labels: LabelSettings | None = None
+    stages: Mapping[str, Any] = field(default_factory=_default_stages)  # None: skipped
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+
+    def stage(self, section: str) -> Any:
+        """A stage's settings, or None where the recipe switches it off."""
+        return self.stages.get(section)
+
+    def with_stage(self, section: str, settings: Any) -> Recipe:
+        return dataclasses.replace(self, stages={**self.stages, section: settings})
+
+    def frames_needed(self) -> int:
+        """The most training frames any enabled stage calibrates on."""
+        wanted = [
+            getattr(settings, "calibration_frames", 1)
+            for settings in self.stages.values()
+            if settings is not None
+        ]
+        return max(wanted, default=1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            name: (None if value is None else _plain(value))
-            for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
-        }
+        fixed = {name: _plain(getattr(self, name)) for name in FIXED}
+        return {**fixed, **{name: _plain(value) for name, value in self.stages.items()}}
 
 
 _TYPES: dict[str, type] = {
     "train": FrameSource,
     "evaluate": FrameSource,
-    "prune": PruneSettings,
-    "distill": DistillSettings,
     "export": ExportSettings,
-    "quantize_qdq": QdqSettings,
-    "quantize_ort": OrtSettings,
-    "tensorrt": EngineSettings,
     "bench": BenchSettings,
     "labels": LabelSettings,
+    **STAGE_TYPES,
 }
-OPTIONAL = ("prune", "distill", "quantize_qdq", "quantize_ort", "tensorrt", "labels")
+OPTIONAL = ("labels", *STAGE_TYPES)
 
 
 def load_recipe(path: Path, quick: bool = False) -> Recipe:
@@ -133,7 +137,12 @@ def parse_recipe(
             raise ConfigError(f"{where}: quick must be a mapping of section overrides")
         merged = _merge(merged, overrides, f"{where} quick")
     values = {name: _section(name, value, where) for name, value in merged.items()}
-    recipe = Recipe(**values)
+    stages = {**_default_stages(), **{k: v for k, v in values.items() if k in STAGE_TYPES}}
+    fixed = {k: v for k, v in values.items() if k not in STAGE_TYPES}
+    try:
+        recipe = Recipe(**fixed, stages=stages)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
     return recipe if base is None else _resolve(recipe, base)
 
 
@@ -167,9 +176,10 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> di
 
 
 def _section(name: str, value: Any, where: str) -> Any:
-    if name == "source":
+    if name in ("source", "device"):
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: source must be a manifest path (string)")
+            what = "a manifest path (string)" if name == "source" else "a string"
+            raise ConfigError(f"{where}: {name} must be {what}, got {value!r}")
         return value
     if value is None:
         if name not in OPTIONAL:
@@ -178,17 +188,68 @@ def _section(name: str, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: section {name} must be a mapping, got {value!r}")
     kind = _TYPES[name]
+    hints = typing.get_type_hints(kind)
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = set(value) - known
     if unknown:
         raise ConfigError(
             f"{where}: {name}: unknown keys {sorted(unknown)} (known: {sorted(known)})"
         )
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    converted = {
+        key: _typed(item, hints[key], f"{where}: {name}: {key}") for key, item in value.items()
+    }
     try:
         return kind(**converted)
     except TypeError as exc:
         raise ConfigError(f"{where}: {name}: {exc}") from exc
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the field's declared type, or an error naming the key and that type."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = typing.get_args(hint) if union else (hint,)
+    for option in options:
+        converted = _as(value, option)
+        if converted is not _MISMATCH:
+            return converted
+    expected = " or ".join(_type_name(option) for option in options)
+    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+_MISMATCH = object()
+
+
+_SCALARS: dict[Any, Callable[[Any], bool]] = {
+    type(None): lambda v: v is None,
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _as(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            return _MISMATCH
+        items = [_as(item, typing.get_args(hint)[0]) for item in value]
+        return _MISMATCH if any(i is _MISMATCH for i in items) else tuple(items)
+    accepts = _SCALARS.get(hint)
+    if accepts is None:
+        return value
+    if not accepts(value):
+        return _MISMATCH
+    return float(value) if hint is float else value
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        plural = {bool: "true/false values", int: "whole numbers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(typing.get_args(hint)[0], 'values')}"
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _plain(value: Any) -> Any:

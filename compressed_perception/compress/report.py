@@ -41,6 +41,7 @@ class Measurement:
     latency_ms: dict[str, float] | None  # end-to-end detect at the bench size: p50, p99
     accuracy: dict[str, float] | None  # agreement with the FP32 reference: map, map50
     path: str  # artifact path relative to the output folder
+    cpu: bool = True  # a CPU artifact, eligible for best.json
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class Report:
     stages: dict[str, dict[str, Any]]  # stage -> {"seconds", "cached", "key", stage info}
     skipped: dict[str, str]  # stage -> reason
     curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # trade-off sweeps
+    # tables stages add (a sensitivity scan, a validation curve): name -> columns, rows, note
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> graph checks
 
 
 def write_report(report: Report, folder: Path) -> dict[str, Path]:
@@ -137,6 +141,8 @@ def _from_payload(payload: Any) -> Report:
         stages=_mapping(payload, "stages"),
         skipped=_mapping(payload, "skipped"),
         curves=_mapping(payload, "curves"),
+        tables=_mapping(payload, "tables") if "tables" in payload else {},
+        checks=_mapping(payload, "checks") if "checks" in payload else {},
     )
 
 
@@ -165,6 +171,8 @@ def markdown(report: Report) -> str:
         _measurements_section(report.measurements),
         _targets_section(report.targets),
         _stages_section(report.stages),
+        *(_table_section(name, table) for name, table in report.tables.items()),
+        _checks_section(report.checks),
         _skipped_section(report.skipped),
         *(_curve_section(name, points) for name, points in report.curves.items()),
         "## Recipe\n\n```json\n" + json.dumps(report.recipe, indent=2) + "\n```",
@@ -291,10 +299,35 @@ def _stages_section(stages: Mapping[str, Mapping[str, Any]]) -> str:
                 MISSING if seconds is None else f"{seconds:.1f}",
                 "yes" if info.get("cached") else "no",
                 f"`{info['key']}`" if info.get("key") else MISSING,
-                ", ".join(f"{k}={_value(v)}" for k, v in _flatten(extra).items()),
+                ", ".join(f"{k}={_value(v)}" for k, v in _details(extra).items()),
             ]
         )
     return "## Stages\n\n" + _table(["stage", "seconds", "cached", "key", "details"], rows)
+
+
+def _details(info: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's scalar facts, one level of nesting deep; its tables have sections of their own."""
+    return {
+        key: value
+        for key, value in _flatten(info).items()
+        if key.count(".") <= 1 and isinstance(value, str | int | float | bool)
+    }
+
+
+def _table_section(name: str, table: Mapping[str, Any]) -> str:
+    body = _table(table["columns"], [[_value(c) for c in row] for row in table["rows"]])
+    note = f"{table['note']}\n\n" if table.get("note") else ""
+    return f"## {name}\n\n{note}{body}"
+
+
+def _checks_section(checks: Mapping[str, Mapping[str, Any]]) -> str:
+    if not checks:
+        return ""
+    lines = [
+        f"- {stage}: " + ", ".join(f"{k}={_value(v)}" for k, v in _flatten(info).items())
+        for stage, info in checks.items()
+    ]
+    return "## Checks\n\nGraph rules checked on the artifacts themselves.\n\n" + "\n".join(lines)
 
 
 def _flatten(info: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -211,7 +211,9 @@ class DeployModel(nn.Module):
         self.register_buffer("cell_strides", _cell_strides(config))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        # Cast first: TensorRT allows UINT8 only as a graph input, so the layer that reads
+        # it must be a Cast (a Transpose of UINT8 is an intermediate UINT8 tensor).
+        x = (images.float().permute(0, 3, 1, 2) - self.mean) * self.inv_std
         logits, dist = flatten_levels(self.model(x))
         batch, cells, _ = dist.shape
         dist = dist.reshape(batch, cells, 4, self.bins.numel()).softmax(dim=-1)

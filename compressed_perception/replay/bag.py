@@ -1,5 +1,9 @@
 """rosbag2 reading and writing (MCAP and sqlite3) without ROS, with clear errors.
 
+A bag is a rosbag2 folder (metadata.yaml and its storage files) or a bare `.mcap` file,
+as Foxglove exports them and Jazzy's `ros2 bag play` takes them: topics, types and message
+definitions then come from the file's own channel and schema records.
+
 Bags are written into a temporary folder beside the destination and renamed at the end,
 so an interrupted run never leaves a bag that looks complete.
 """
@@ -14,6 +18,7 @@ from typing import Any
 
 from rosbags.interfaces import (
     Connection,
+    MessageDefinitionFormat,
     Qos,
     QosDurability,
     QosHistory,
@@ -22,12 +27,22 @@ from rosbags.interfaces import (
     QosTime,
 )
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer, WriterError
+from rosbags.typesys import (
+    Stores,
+    TypesysError,
+    get_types_from_idl,
+    get_types_from_msg,
+    get_typestore,
+)
+from rosbags.typesys.store import Typestore
 
 from compressed_perception.atomic import atomic_path
 from compressed_perception.errors import PerceptionError
 from compressed_perception.ros.messages import IMAGE_TYPES, typestore
 
 STORAGES = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+BARE_SUFFIX = ".mcap"  # a storage file that carries its own topics and definitions
+_IDL_SEPARATOR = "=" * 80 + "\n"
 BAG_VERSION = 8  # read by Humble's and Jazzy's rosbag2 alike
 _NO_TIME = QosTime(0, 0)
 RELIABLE_QOS = Qos(
@@ -50,8 +65,6 @@ class BagError(PerceptionError):
 @contextlib.contextmanager
 def open_bag(path: Path) -> Iterator[Reader]:
     path = Path(path)
-    if not (path / "metadata.yaml").is_file():
-        raise BagError(f"{path}: not a rosbag2 folder (no metadata.yaml)")
     storage_of(path)
     try:
         reader = Reader(path)
@@ -65,16 +78,68 @@ def open_bag(path: Path) -> Iterator[Reader]:
 
 
 def storage_of(path: Path) -> str:
-    """The storage plugin a bag was written with, as its metadata.yaml names it."""
-    found = re.search(r"storage_identifier:\s*(\S+)", (Path(path) / "metadata.yaml").read_text())
+    """The storage plugin of a bag: metadata.yaml's, or mcap for a bare `.mcap` file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == BARE_SUFFIX:
+        return "mcap"
+    if not (path / "metadata.yaml").is_file():
+        raise BagError(f"{path}: not a rosbag2 folder (no metadata.yaml) nor a .mcap file")
+    found = re.search(r"storage_identifier:\s*(\S+)", (path / "metadata.yaml").read_text())
     storage = found.group(1) if found else ""
     if storage not in STORAGES:
         raise BagError(f"{path}: unknown storage {storage!r} (supported: {', '.join(STORAGES)})")
     return storage
 
 
-def image_connections(reader: Reader, topics: Sequence[str] | None, path: Path) -> list[Connection]:
-    """Connections of the named topics, or of every Image/CompressedImage topic."""
+def bag_typestore(reader: Reader) -> Typestore:
+    """This package's definitions, plus every other type the bag's own definitions describe.
+
+    A type both define keeps this package's (exactly ROS 2's) definition; a type only the
+    bag knows, e.g. a vendor's copy of sensor_msgs/Image, becomes readable.
+    """
+    store = get_typestore(Stores.EMPTY)
+    store.register(typestore().fielddefs)
+    for connection in reader.connections:
+        if connection.msgtype in store.fielddefs:
+            continue
+        with contextlib.suppress(TypesysError):  # unparsable: the topic stays unreadable
+            types = _definition_types(connection)
+            store.register({k: v for k, v in types.items() if k not in store.fielddefs})
+    return store
+
+
+def _definition_types(connection: Connection) -> dict[str, Any]:
+    """The types in a connection's stored definition (ROS 2 .msg text or IDL)."""
+    definition = connection.msgdef
+    if definition.format == MessageDefinitionFormat.MSG:
+        return get_types_from_msg(definition.data, connection.msgtype)
+    if definition.format != MessageDefinitionFormat.IDL:
+        return {}
+    text = definition.data
+    if text.startswith(f"{_IDL_SEPARATOR}IDL: "):  # several files: "IDL: <name>" each
+        sources = [part.split("\n", 1)[1] for part in text.split(_IDL_SEPARATOR)[1:]]
+    else:
+        sources = [text]
+    types: dict[str, Any] = {}
+    for source in sources:
+        types.update(get_types_from_idl(source))
+    return types
+
+
+def image_kind(store: Typestore, msgtype: str) -> str | None:
+    """sensor_msgs/msg/Image or CompressedImage for a type that is one (or has its fields)."""
+    ours = typestore()
+    for kind in IMAGE_TYPES:
+        if msgtype == kind or store.fielddefs.get(msgtype) == ours.fielddefs[kind]:
+            return kind
+    return None
+
+
+def image_connections(
+    reader: Reader, topics: Sequence[str] | None, path: Path, store: Typestore | None = None
+) -> list[Connection]:
+    """Connections of the named topics, or of every image topic (see `image_kind`)."""
+    store = store or typestore()
     if topics:
         by_topic = {c.topic: c for c in reader.connections}
         missing = [t for t in topics if t not in by_topic]
@@ -82,12 +147,12 @@ def image_connections(reader: Reader, topics: Sequence[str] | None, path: Path) 
             have = ", ".join(sorted(by_topic)) or "none"
             raise BagError(f"{path}: no topic {', '.join(missing)} in the bag (topics: {have})")
         chosen = [by_topic[t] for t in topics]
-        wrong = [c for c in chosen if c.msgtype not in IMAGE_TYPES]
+        wrong = [c for c in chosen if image_kind(store, c.msgtype) is None]
         if wrong:
             kinds = ", ".join(f"{c.topic} is {c.msgtype}" for c in wrong)
             raise BagError(f"{path}: not an image topic: {kinds}")
         return chosen
-    chosen = [c for c in reader.connections if c.msgtype in IMAGE_TYPES]
+    chosen = [c for c in reader.connections if image_kind(store, c.msgtype) is not None]
     if not chosen:
         raise BagError(f"{path}: no sensor_msgs/Image or CompressedImage topic in the bag")
     return chosen
@@ -121,9 +186,12 @@ class BagWriter:
         else:
             self._writer.abort()
 
-    def add_topic(self, topic: str, msgtype: str, qos: Qos = RELIABLE_QOS) -> None:
+    def add_topic(
+        self, topic: str, msgtype: str, qos: Qos = RELIABLE_QOS, store: Typestore | None = None
+    ) -> None:
+        """`store` defines `msgtype` when this package does not (e.g. a bag's own types)."""
         self._connections[topic] = self._writer.add_connection(
-            topic, msgtype, typestore=self._store, offered_qos_profiles=[qos]
+            topic, msgtype, typestore=store or self._store, offered_qos_profiles=[qos]
         )
 
     def write(self, topic: str, log_time_ns: int, message: Any) -> None:

@@ -17,16 +17,18 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from compressed_perception.benchmark import percentiles
 from compressed_perception.errors import ImageError, PerceptionError
-from compressed_perception.evaluation import CocoEvaluator, agreement, load_coco_ground_truth
 from compressed_perception.replay.bag import (
     BagError,
+    bag_typestore,
     image_connections,
+    image_kind,
     messages,
     new_bag,
     open_bag,
@@ -36,10 +38,10 @@ from compressed_perception.ros.convert import (
     VisionTypes,
     compressed_to_bgr,
     detection_array,
-    detections_topic,
     image_to_bgr,
 )
 from compressed_perception.ros.messages import COMPRESSED_IMAGE, DETECTION_ARRAY, typestore
+from compressed_perception.ros.names import output_topic
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.detector import Detector, FrameResult
 from compressed_perception.runtime.manifest import Manifest, load_manifest
@@ -90,6 +92,7 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     evaluating = options.reference is not None or options.ground_truth is not None
     run_config = options.postprocess
     if evaluating:
+        coco_evaluation("--reference and --ground-truth")  # fail before the replay, not after
         lowest = min(run_config.score_threshold, EVAL_SCORE_THRESHOLD)
         run_config = replace(run_config, score_threshold=lowest)
     backend = open_backend(manifest, options.backend, threads=options.threads)
@@ -98,11 +101,12 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     store = typestore()
     vision = VisionTypes.from_lookup(lambda name: store.types[name])
     with open_bag(in_bag) as reader:
-        cameras = image_connections(reader, options.topics, in_bag)
+        bag_types = bag_typestore(reader)
+        cameras = image_connections(reader, options.topics, in_bag, bag_types)
         truth_topic = _truth_topic(reader, options.ground_truth, in_bag)
         storage = options.storage or storage_of(in_bag)
         stats = _Stats(detector.labels)
-        outputs = {c.topic: detections_topic(c.topic) for c in cameras}
+        outputs = {c.topic: output_topic(c.topic) for c in cameras}
         if len(set(outputs.values())) != len(outputs):
             raise BagError(
                 f"{in_bag}: two camera topics map to one detections topic ({outputs}); "
@@ -113,10 +117,10 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
                 writer.add_topic(out_topic, DETECTION_ARRAY)
             if options.copy_input:
                 for camera in cameras:
-                    writer.add_topic(camera.topic, camera.msgtype)
+                    writer.add_topic(camera.topic, camera.msgtype, store=bag_types)
             connections = [*cameras, *([truth_topic] if truth_topic else [])]
             started = time.perf_counter()
-            for item in _read_ahead(reader, connections, in_bag):
+            for item in _read_ahead(reader, connections, in_bag, bag_types):
                 if isinstance(item, _Truth):
                     stats.truth[item.key] = item.message
                     continue
@@ -160,6 +164,17 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     return metrics
 
 
+def coco_evaluation(purpose: str) -> ModuleType:
+    """compressed_perception.evaluation, which needs pycocotools (no rosdep key for it)."""
+    try:
+        from compressed_perception import evaluation
+    except ImportError as exc:
+        raise PerceptionError(
+            f"{purpose} needs pycocotools ({exc}): pip install pycocotools"
+        ) from exc
+    return evaluation
+
+
 def _reference_detector(options: ReplayOptions) -> Detector | None:
     if options.reference is None:
         return None
@@ -190,11 +205,10 @@ def frame_key(header: Any, with_frame_id: bool = True) -> str:
     return f"{header.frame_id}/{stamp}" if with_frame_id else stamp
 
 
-def _read_ahead(reader: Any, connections: Sequence[Any], path: Path) -> Iterator[Any]:
-    """Deserialize and decode on a thread, at most a few frames ahead of inference."""
+def _read_ahead(reader: Any, connections: Sequence[Any], path: Path, store: Any) -> Iterator[Any]:
+    """Deserialize (with the bag's types) and decode on a thread, a few frames ahead."""
     pending: queue.Queue[Any] = queue.Queue(maxsize=8)
     stop = threading.Event()
-    store = typestore()
 
     def work() -> None:
         try:
@@ -230,7 +244,8 @@ def _decode(store: Any, connection: Any, log_time: int, raw: Any, path: Path) ->
         return _Truth(frame_key(message.header), message)
     name = f"{path}:{connection.topic}@{log_time}"
     try:
-        convert = compressed_to_bgr if connection.msgtype == COMPRESSED_IMAGE else image_to_bgr
+        kind = image_kind(store, connection.msgtype)
+        convert = compressed_to_bgr if kind == COMPRESSED_IMAGE else image_to_bgr
         image = convert(message, name)
     except ImageError as exc:
         return _Frame(connection.topic, log_time, message, raw, None, str(exc))
@@ -285,16 +300,18 @@ class _Stats:
         }
 
     def agreement(self, labels: Sequence[str]) -> dict[str, Any]:
+        agreement = coco_evaluation("--reference").agreement
         reference = [ref for *_, ref in self.evaluated if ref is not None]
         candidate = [det for _, _, det, ref in self.evaluated if ref is not None]
         sizes = [size for _, size, _, ref in self.evaluated if ref is not None]
         return agreement(reference, candidate, sizes, labels).to_dict()
 
     def ground_truth(self, source: str, manifest: Manifest) -> dict[str, Any]:
+        evaluation = coco_evaluation("--ground-truth")
         labels = manifest.classes
-        evaluator = CocoEvaluator(labels)
+        evaluator = evaluation.CocoEvaluator(labels)
         if _is_coco_file(source):
-            coco = load_coco_ground_truth(Path(source), labels)
+            coco = evaluation.load_coco_ground_truth(Path(source), labels)
             truth = {name: gt for name, (_, _, gt) in coco.items()}
         else:
             truth = {k: _truth_detections(m, manifest) for k, m in self.truth.items()}

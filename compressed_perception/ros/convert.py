@@ -31,7 +31,6 @@ _DIRECT = {
     "yuyv": (2, lambda v: cv2.cvtColor(np.ascontiguousarray(v), cv2.COLOR_YUV2BGR_YUY2)),
 }
 ENCODINGS = tuple(_DIRECT)
-COMPRESSED_FORMATS = ("jpeg", "jpg", "png")
 
 
 def image_to_bgr(msg: Any, name: str = "image") -> np.ndarray:
@@ -69,10 +68,15 @@ def image_to_bgr(msg: Any, name: str = "image") -> np.ndarray:
 
 
 def compressed_to_bgr(msg: Any, name: str = "image") -> np.ndarray:
-    """A sensor_msgs/CompressedImage (jpeg or png) decoded to BGR."""
-    fmt = str(msg.format).lower()
-    if not any(kind in fmt for kind in COMPRESSED_FORMATS) or "compresseddepth" in fmt:
-        raise ImageError(f"{name}: unsupported compressed format {msg.format!r} (jpeg, png)")
+    """A sensor_msgs/CompressedImage decoded to BGR, whatever its format says.
+
+    The format is only a hint (empty means jpeg; image_transport writes "jpeg", "png",
+    "rgb8; jpeg compressed bgr8", Humble also lists tiff): OpenCV reads the data's own
+    signature, so a frame is refused only when it does not decode. compressedDepth is
+    refused outright: depth, behind a header of its own, not a camera picture.
+    """
+    if "compresseddepth" in str(msg.format).lower():
+        raise ImageError(f"{name}: {msg.format!r} is a depth image, not a camera image")
     data = (
         np.frombuffer(msg.data, dtype=np.uint8)
         if not isinstance(msg.data, np.ndarray)
@@ -80,7 +84,8 @@ def compressed_to_bgr(msg: Any, name: str = "image") -> np.ndarray:
     )
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
-        raise ImageError(f"{name}: corrupt or empty {msg.format!r} data ({data.size} bytes)")
+        fmt = msg.format or "jpeg"
+        raise ImageError(f"{name}: corrupt, empty or undecodable {fmt!r} data ({data.size} bytes)")
     return image
 
 
@@ -97,6 +102,22 @@ def bgr_to_image_fields(image: np.ndarray, encoding: str = "bgr8") -> dict[str, 
         "step": width * 3,
         "data": np.ascontiguousarray(image).reshape(-1),
     }
+
+
+# VisionTypes field -> the message type it holds (the rclpy node imports their packages)
+VISION_TYPE_NAMES = {
+    "detection_array": "vision_msgs/msg/Detection2DArray",
+    "detection": "vision_msgs/msg/Detection2D",
+    "hypothesis_with_pose": "vision_msgs/msg/ObjectHypothesisWithPose",
+    "hypothesis": "vision_msgs/msg/ObjectHypothesis",
+    "bbox": "vision_msgs/msg/BoundingBox2D",
+    "pose2d": "vision_msgs/msg/Pose2D",
+    "point2d": "vision_msgs/msg/Point2D",
+    "pose_with_covariance": "geometry_msgs/msg/PoseWithCovariance",
+    "pose": "geometry_msgs/msg/Pose",
+    "point": "geometry_msgs/msg/Point",
+    "quaternion": "geometry_msgs/msg/Quaternion",
+}
 
 
 @dataclass(frozen=True)
@@ -118,20 +139,7 @@ class VisionTypes:
     @classmethod
     def from_lookup(cls, lookup: Any) -> VisionTypes:
         """`lookup("vision_msgs/msg/Detection2D")` must return the class of that type."""
-        names = {
-            "detection_array": "vision_msgs/msg/Detection2DArray",
-            "detection": "vision_msgs/msg/Detection2D",
-            "hypothesis_with_pose": "vision_msgs/msg/ObjectHypothesisWithPose",
-            "hypothesis": "vision_msgs/msg/ObjectHypothesis",
-            "bbox": "vision_msgs/msg/BoundingBox2D",
-            "pose2d": "vision_msgs/msg/Pose2D",
-            "point2d": "vision_msgs/msg/Point2D",
-            "pose_with_covariance": "geometry_msgs/msg/PoseWithCovariance",
-            "pose": "geometry_msgs/msg/Pose",
-            "point": "geometry_msgs/msg/Point",
-            "quaternion": "geometry_msgs/msg/Quaternion",
-        }
-        return cls(**{field: lookup(name) for field, name in names.items()})
+        return cls(**{field: lookup(name) for field, name in VISION_TYPE_NAMES.items()})
 
 
 def detection_array(
@@ -167,12 +175,3 @@ def detection_array(
         )
         items.append(types.detection(header=header, results=[hypothesis], bbox=bbox, id=""))
     return types.detection_array(header=header, detections=items)
-
-
-def detections_topic(image_topic: str, name: str = "detections") -> str:
-    """`/cam/image_raw` and `/cam/image_raw/compressed` -> `/cam/detections`."""
-    parts = [p for p in image_topic.split("/") if p]
-    if parts and parts[-1] == "compressed":
-        parts = parts[:-1]
-    namespace = parts[:-1]
-    return "/" + "/".join([*namespace, name])

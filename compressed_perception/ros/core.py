@@ -14,13 +14,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from compressed_perception.errors import ImageError
-from compressed_perception.resources import default_model
+from compressed_perception.resources import resolve_model
 from compressed_perception.ros.config import NodeConfig
 from compressed_perception.ros.convert import compressed_to_bgr, image_to_bgr
 from compressed_perception.runtime.backends import open_backend
@@ -30,6 +29,10 @@ from compressed_perception.runtime.postprocess import PostprocessConfig
 
 WARN_PERIOD_S = 5.0
 LATENCY_WINDOW = 1000
+# A camera with input is reported stalled only after this long without output: at least
+# STALL_MIN_S, and STALL_TURNS rounds of every camera's inference (cameras take turns).
+STALL_MIN_S = 2.0
+STALL_TURNS = 4
 
 # (camera index, image header, result with boxes in image pixels, the BGR image)
 PublishFn = Callable[[int, Any, FrameResult, np.ndarray], None]
@@ -39,7 +42,7 @@ LogFn = Callable[[str], None]
 @dataclass
 class _Pending:
     message: Any
-    received: float  # time.monotonic() at the subscription callback
+    received: float  # the core's clock at the subscription callback
 
 
 @dataclass
@@ -53,6 +56,8 @@ class CameraStats:
     inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     last_warning: float = -1e9
     suppressed_warnings: int = 0
+    first_input: float | None = None  # clock time of the first frame received
+    last_output: float | None = None  # clock time of the latest frame published
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ class PerceptionCore:
         compressed: bool,
         publish: PublishFn,
         warn: LogFn,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` gives seconds (monotonic); tests pass their own to step time exactly."""
         self.detector = detector
         self.compressed = compressed
         self._publish = publish
@@ -86,7 +93,8 @@ class PerceptionCore:
         self.stats = [CameraStats(topic) for topic in topics]
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="perception-worker", daemon=True)
-        self._last_report = (time.monotonic(), [(0, 0)] * len(topics))
+        self._clock = clock
+        self._last_report = (clock(), [(0, 0)] * len(topics))
 
     def start(self) -> None:
         self._thread.start()
@@ -100,10 +108,12 @@ class PerceptionCore:
 
     def on_message(self, camera: int, message: Any) -> None:
         """Subscription callback: store and return at once; never decodes or infers."""
-        now = time.monotonic()
+        now = self._clock()
         with self._wake:
             stats = self.stats[camera]
             stats.received += 1
+            if stats.first_input is None:
+                stats.first_input = now
             if self._slots[camera] is not None:
                 stats.dropped += 1
             self._slots[camera] = _Pending(message, now)
@@ -160,14 +170,16 @@ class PerceptionCore:
             return None
 
     def _record(self, camera: int, pending: _Pending, result: FrameResult) -> None:
+        now = self._clock()
         with self._lock:
             stats = self.stats[camera]
             stats.processed += 1
-            stats.end_to_end_ms.append((time.monotonic() - pending.received) * 1e3)
+            stats.last_output = now
+            stats.end_to_end_ms.append((now - pending.received) * 1e3)
             stats.inference_ms.append(result.latency_ms.inference)
 
     def _throttled_warning(self, camera: int, text: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             stats = self.stats[camera]
             if now - stats.last_warning < WARN_PERIOD_S:
@@ -178,24 +190,44 @@ class PerceptionCore:
         more = f" ({suppressed} similar warnings suppressed)" if suppressed else ""
         self._warn(f"{text}{more}")
 
+    def stall_after(self) -> float:
+        """Seconds without output before a camera with input counts as stalled.
+
+        One worker serves the cameras in turn, so a camera may wait a whole round of
+        inferences (and the first ones, while the backend warms up, are the slowest).
+        """
+        with self._lock:
+            samples = [ms for stats in self.stats for ms in stats.inference_ms]
+        inference_s = float(np.median(samples)) / 1e3 if samples else 0.0
+        return max(STALL_MIN_S, STALL_TURNS * inference_s * len(self.stats))
+
     def diagnostics(self, backend: str, model: str) -> list[CameraStatus]:
         """Per camera: rates since the previous call, drops, latency percentiles."""
-        now = time.monotonic()
+        stall_after = self.stall_after()
+        now = self._clock()
         with self._lock:
             since, counts = self._last_report
-            elapsed = max(now - since, 1e-9)
-            statuses = []
-            for stats, (received, processed) in zip(self.stats, counts, strict=True):
-                statuses.append(_status(stats, received, processed, elapsed, backend, model))
+            period = _Period(max(now - since, 1e-9), now, stall_after, backend, model)
+            statuses = [
+                _status(stats, received, processed, period)
+                for stats, (received, processed) in zip(self.stats, counts, strict=True)
+            ]
             self._last_report = (now, [(s.received, s.processed) for s in self.stats])
         return statuses
 
 
-def _status(
-    stats: CameraStats, received: int, processed: int, elapsed: float, backend: str, model: str
-) -> CameraStatus:
-    input_rate = (stats.received - received) / elapsed
-    output_rate = (stats.processed - processed) / elapsed
+@dataclass(frozen=True)
+class _Period:
+    elapsed: float
+    now: float
+    stall_after: float
+    backend: str
+    model: str
+
+
+def _status(stats: CameraStats, received: int, processed: int, period: _Period) -> CameraStatus:
+    input_rate = (stats.received - received) / period.elapsed
+    output_rate = (stats.processed - processed) / period.elapsed
     e2e = _percentiles(stats.end_to_end_ms)
     values = {
         "input_rate_hz": f"{input_rate:.2f}",
@@ -207,13 +239,18 @@ def _status(
         "latency_p50_ms": f"{e2e[0]:.2f}",
         "latency_p99_ms": f"{e2e[1]:.2f}",
         "inference_p50_ms": f"{_percentiles(stats.inference_ms)[0]:.2f}",
-        "backend": backend,
-        "model": model,
+        "backend": period.backend,
+        "model": period.model,
     }
+    quiet_since = stats.last_output if stats.last_output is not None else stats.first_input
+    quiet = period.now - quiet_since if quiet_since is not None else 0.0
     if input_rate == 0:
         level, text = 1, "no input"
-    elif output_rate == 0:
-        level, text = 2, "input but no output"
+    elif output_rate == 0 and quiet > period.stall_after:
+        skipped = f" ({stats.malformed} malformed frames skipped)" if stats.malformed else ""
+        level, text = 2, f"input but no output for {quiet:.1f} s{skipped}"
+    elif output_rate == 0 and stats.last_output is None:
+        level, text = 0, "starting: no output yet"
     elif stats.malformed:
         level, text = 1, f"{stats.malformed} malformed frames skipped"
     else:
@@ -256,7 +293,7 @@ def _level_value(status_cls: type, level: int) -> Any:
 
 def detector_from_config(config: NodeConfig) -> Detector:
     """The detector a node runs: model, backend, thresholds and class filter from its config."""
-    manifest = load_manifest(Path(config.model) if config.model else default_model())
+    manifest = load_manifest(resolve_model(config.model))
     postprocess = PostprocessConfig(
         score_threshold=config.score_threshold,
         nms_threshold=config.nms_threshold,

@@ -4,7 +4,10 @@
 - samples are XCDR1 little-endian CDR, serialized by the project's typestore (rosbags),
   which copies `uint8[]` image data in one block: cyclonedds-python's own serializer
   packs such a field byte by byte (about 33 ms for a 640x480 frame);
-- endpoints carry `typehash=RIHS01_...;` in USER_DATA, as ROS 2 Iron and later expect.
+- endpoints carry `typehash=RIHS01_...;` in USER_DATA, as Jazzy's rmw_cyclonedds_cpp
+  writes and reads it (Humble's sends none and ignores it);
+- a participant that hosts a node says so on `ros_discovery_info` as rmw_cyclonedds_cpp
+  does (rmw_dds_common's graph), so `ros2 node list` and `ros2 node info` show the node.
 
 The DDS types registered with Cyclone are generated from the same definitions, so type
 names, member names and XTypes type information match what ROS 2 nodes announce.
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import numpy as np
 from cyclonedds import _clayer
 from cyclonedds.core import (
     Entity,
@@ -41,7 +45,14 @@ from cyclonedds.topic import Topic
 from cyclonedds.util import duration
 from rosbags.typesys.store import Typestore
 
-from compressed_perception.ros.messages import typestore
+from compressed_perception.ros.messages import (
+    DEFAULT_DISTRO,
+    GID,
+    GID_SIZE,
+    NODE_ENTITIES_INFO,
+    PARTICIPANT_ENTITIES_INFO,
+    typestore,
+)
 
 _BASE = {
     "bool": bool,
@@ -61,6 +72,8 @@ _BASE = {
 }
 _ANY_STATE = SampleState.Any | ViewState.Any | InstanceState.Any
 _WAIT = duration(seconds=1)  # a waitset wait; close() wakes it at once anyway
+# rmw_cyclonedds_cpp's graph topic: no `rt/` prefix, reliable, transient local, keep last 1
+DISCOVERY_TOPIC = "ros_discovery_info"
 
 # A Cyclone configuration for tests and benchmarks: loopback only, no multicast. Large
 # datagrams and a large receive buffer (capped by the kernel's net.core.rmem_max) let a
@@ -87,11 +100,11 @@ def dds_type_name(msgtype: str) -> str:
 
 
 @cache
-def idl_type(msgtype: str) -> type[IdlStruct]:
+def idl_type(msgtype: str, distro: str = DEFAULT_DISTRO) -> type[IdlStruct]:
     """An IdlStruct with the ROS 2 DDS name and members of `msgtype` (for registration only)."""
-    store = typestore()
+    store = typestore(distro)
     _, fields = store.fielddefs[msgtype]
-    annotations = {name: _idl_field(store, desc) for name, desc in fields}
+    annotations = {name: _idl_field(desc, distro) for name, desc in fields}
 
     def body(namespace: dict[str, Any]) -> None:
         namespace["__annotations__"] = annotations
@@ -103,33 +116,45 @@ def idl_type(msgtype: str) -> type[IdlStruct]:
     return dataclasses.dataclass(cls)
 
 
-def _idl_field(store: Typestore, desc: Any) -> Any:
+def _idl_field(desc: Any, distro: str) -> Any:
     """rosbags field descriptor (nodetype, details) -> cyclonedds type annotation."""
     kind, details = desc
     if kind == 1:  # BASE: (name, string bound)
-        return _BASE[details[0]]
+        name, bound = details
+        return idl.bounded_str[bound] if name == "string" and bound else _BASE[name]
     if kind == 2:  # NAME: nested message
-        return idl_type(details)
+        return idl_type(details, distro)
     inner, length = details
     if kind == 3:  # ARRAY
-        return idl.array[_idl_field(store, inner), length]
-    return idl.sequence[_idl_field(store, inner)]  # SEQUENCE
+        return idl.array[_idl_field(inner, distro), length]
+    return idl.sequence[_idl_field(inner, distro)]  # SEQUENCE
 
 
-def qos(reliable: bool, depth: int, msgtype: str) -> Qos:
+def qos(
+    reliable: bool, depth: int, msgtype: str, store: Typestore, transient_local: bool = False
+) -> Qos:
     reliability = (
         Policy.Reliability.Reliable(max_blocking_time=duration(milliseconds=100))
         if reliable
         else Policy.Reliability.BestEffort
     )
-    typehash = typestore().hash_rihs01(msgtype)
+    typehash = store.hash_rihs01(msgtype)
     return Qos(
         reliability,
         Policy.History.KeepLast(depth),
-        Policy.Durability.Volatile,
+        Policy.Durability.TransientLocal if transient_local else Policy.Durability.Volatile,
         Policy.DataRepresentation(use_cdrv0_representation=True),
         Policy.Userdata(data=f"typehash={typehash};".encode()),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeIdentity:
+    """The ROS node a participant hosts, as ROS 2's graph tools will list it."""
+
+    name: str
+    namespace: str = "/"
+    enclave: str = "/"
 
 
 class Participant:
@@ -140,13 +165,34 @@ class Participant:
     while its Python object was being torn down crashed the process. Each subscriber
     instead owns a waitset and a receive thread, and `close()` stops those threads
     before it deletes readers, writers, topics and the participant, in that order.
+
+    With a `node`, the participant announces that node and its endpoints' GIDs on
+    `ros_discovery_info` as rmw_cyclonedds_cpp does: at creation and whenever an endpoint
+    is added or closed. `distro` picks the Gid layout of that message (humble or jazzy).
     """
 
-    def __init__(self, domain_id: int) -> None:
-        self.domain = DomainParticipant(domain_id)
+    def __init__(
+        self, domain_id: int, node: NodeIdentity | None = None, distro: str = DEFAULT_DISTRO
+    ) -> None:
+        self.distro = distro
+        self.store = typestore(distro)
+        self.node = node
+        # rmw_cyclonedds_cpp's participant USER_DATA: Humble's and Jazzy's graph caches only
+        # add participants that carry an enclave
+        profile = Qos(Policy.Userdata(data=f"enclave={node.enclave};".encode())) if node else None
+        self.domain = DomainParticipant(domain_id, qos=profile)
         self._topics: dict[str, Topic] = {}
         self._endpoints: list[RawPublisher | RawSubscriber] = []
+        self._lock = threading.Lock()  # endpoints come and go from several threads
+        self._announcing = threading.Lock()  # one graph message at a time, the latest last
         self._closed = False
+        self._graph: RawPublisher | None = None
+        if node:
+            self._graph = RawPublisher(
+                self, DISCOVERY_TOPIC, PARTICIPANT_ENTITIES_INFO, reliable=True, depth=1,
+                transient_local=True, dds_name=DISCOVERY_TOPIC, on_graph=False,
+            )  # fmt: skip
+            self.announce()
 
     def __enter__(self) -> Participant:
         return self
@@ -154,28 +200,84 @@ class Participant:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def topic(self, ros_topic: str, msgtype: str) -> Topic:
+    @property
+    def gid(self) -> bytes:
+        return self.domain.guid.bytes
+
+    def topic(self, ros_topic: str, msgtype: str, dds_name: str | None = None) -> Topic:
         if self._closed:
             raise OSError(f"DDS participant closed: cannot create topic {ros_topic}")
         if ros_topic not in self._topics:
-            self._topics[ros_topic] = Topic(self.domain, dds_topic(ros_topic), idl_type(msgtype))
+            name = dds_name or dds_topic(ros_topic)
+            self._topics[ros_topic] = Topic(self.domain, name, idl_type(msgtype, self.distro))
         return self._topics[ros_topic]
 
     def add(self, endpoint: RawPublisher | RawSubscriber) -> None:
-        self._endpoints.append(endpoint)
+        with self._lock:
+            self._endpoints.append(endpoint)
+        if endpoint.on_graph:
+            self.announce()
+
+    def endpoint_closed(self, endpoint: RawPublisher | RawSubscriber) -> None:
+        """Called by an endpoint's close(): the node's graph entry loses it."""
+        with self._lock:
+            if endpoint in self._endpoints:
+                self._endpoints.remove(endpoint)
+        if endpoint.on_graph:
+            self.announce()
+
+    def graph_entities(self) -> Any:
+        """rmw_dds_common/ParticipantEntitiesInfo: this participant, its node, their GIDs."""
+        types = self.store.types
+        with self._lock:
+            endpoints = [e for e in self._endpoints if e.on_graph]
+
+        def gids(kind: str) -> list[Any]:
+            return [types[GID](data=_gid(e.gid, self.distro)) for e in endpoints if e.kind == kind]
+
+        nodes = []
+        if self.node is not None:
+            nodes.append(
+                types[NODE_ENTITIES_INFO](
+                    node_namespace=self.node.namespace,
+                    node_name=self.node.name,
+                    reader_gid_seq=gids("reader"),
+                    writer_gid_seq=gids("writer"),
+                )
+            )
+        return types[PARTICIPANT_ENTITIES_INFO](
+            gid=types[GID](data=_gid(self.gid, self.distro)), node_entities_info_seq=nodes
+        )
+
+    def announce(self) -> None:
+        """Republish the graph message (keep last 1, transient local: late joiners get it)."""
+        with self._announcing:
+            if self._graph is not None and not self._closed:
+                self._graph.publish(self.graph_entities())
 
     def close(self) -> None:
-        """Readers first (their threads joined), then writers, topics and the participant."""
+        """Readers first (their threads joined), then writers, topics and the participant.
+
+        Nothing is re-announced on the way: the participant's disposal removes it and its
+        node from every peer's graph.
+        """
         if self._closed:
             return
         self._closed = True
-        subscribers = [e for e in self._endpoints if isinstance(e, RawSubscriber)]
-        publishers = [e for e in self._endpoints if isinstance(e, RawPublisher)]
+        with self._lock:
+            endpoints = list(self._endpoints)
+        subscribers = [e for e in endpoints if isinstance(e, RawSubscriber)]
+        publishers = [e for e in endpoints if isinstance(e, RawPublisher)]
         for endpoint in [*subscribers, *publishers]:
             endpoint.close()
         for topic in self._topics.values():
             _delete(topic)
         _delete(self.domain)
+
+
+def _gid(guid: bytes, distro: str) -> np.ndarray:
+    """rmw_cyclonedds_cpp's GID: the 16-byte DDS GUID, zero-padded to the distro's size."""
+    return np.frombuffer(guid.ljust(GID_SIZE[distro], b"\0"), np.uint8)
 
 
 def _delete(entity: Entity) -> None:
@@ -190,16 +292,31 @@ def _delete(entity: Entity) -> None:
 class RawPublisher:
     """Publishes typestore messages as ROS 2 CDR, bypassing Python-side IDL serialization."""
 
+    kind = "writer"
+
     def __init__(
-        self, participant: Participant, ros_topic: str, msgtype: str, reliable: bool, depth: int
+        self,
+        participant: Participant,
+        ros_topic: str,
+        msgtype: str,
+        reliable: bool,
+        depth: int,
+        *,
+        transient_local: bool = False,
+        dds_name: str | None = None,
+        on_graph: bool = True,
     ) -> None:
+        """`dds_name` replaces the `rt/` topic name; `on_graph`: one of the node's writers."""
         self.msgtype = msgtype
         self.topic = ros_topic
-        self._store = typestore()
-        profile = qos(reliable, depth, msgtype)
+        self.on_graph = on_graph
+        self._participant = participant
+        self._store = participant.store
+        profile = qos(reliable, depth, msgtype, self._store, transient_local)
         self._writer = DataWriter(
-            participant.domain, participant.topic(ros_topic, msgtype), profile
+            participant.domain, participant.topic(ros_topic, msgtype, dds_name), profile
         )
+        self.gid = self._writer.guid.bytes
         self._lock = threading.Lock()  # publish and close from different threads
         self._closed = False
         participant.add(self)
@@ -219,9 +336,11 @@ class RawPublisher:
 
     def close(self) -> None:
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                _delete(self._writer)
+            if self._closed:
+                return
+            self._closed = True
+            _delete(self._writer)
+        self._participant.endpoint_closed(self)
 
 
 def encapsulate(data: bytes | memoryview) -> bytes:
@@ -245,6 +364,8 @@ class RawSubscriber:
     The thread sleeps in a Cyclone waitset until data arrives or `close()` wakes it.
     """
 
+    kind = "reader"
+
     def __init__(
         self,
         participant: Participant,
@@ -253,14 +374,22 @@ class RawSubscriber:
         callback: Callable[[Any], None],
         reliable: bool,
         depth: int,
+        *,
+        transient_local: bool = False,
+        dds_name: str | None = None,
+        on_graph: bool = True,
     ) -> None:
+        """Keyword options as for RawPublisher."""
         self.msgtype = msgtype
         self.topic = ros_topic
-        self._store = typestore()
+        self.on_graph = on_graph
+        self._participant = participant
+        self._store = participant.store
         self._callback = callback
-        profile = qos(reliable, depth, msgtype)
-        topic = participant.topic(ros_topic, msgtype)
+        profile = qos(reliable, depth, msgtype, self._store, transient_local)
+        topic = participant.topic(ros_topic, msgtype, dds_name)
         self._reader = DataReader(participant.domain, topic, profile)
+        self.gid = self._reader.guid.bytes
         self._condition = ReadCondition(self._reader, _ANY_STATE)
         self._waitset = WaitSet(participant.domain)
         self._waitset.attach(self._condition)
@@ -313,3 +442,4 @@ class RawSubscriber:
         self._waitset.detach(self._condition)
         for entity in (self._waitset, self._condition, self._reader):
             _delete(entity)
+        self._participant.endpoint_closed(self)

@@ -14,6 +14,8 @@ from typing import Any
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
+from compressed_perception.errors import ConfigError
+
 DEFINITIONS: dict[str, str] = {
     "builtin_interfaces/msg/Time": "int32 sec\nuint32 nanosec\n",
     "std_msgs/msg/Header": "builtin_interfaces/Time stamp\nstring frame_id\n",
@@ -46,6 +48,23 @@ DEFINITIONS: dict[str, str] = {
     "diagnostic_msgs/msg/DiagnosticArray": "std_msgs/Header header\nDiagnosticStatus[] status\n",
 }
 
+# ROS 2's graph discovery (`ros_discovery_info`), as rmw_dds_common defines it. Its Gid
+# holds an rmw_gid_t, whose size changed after Humble: `char[24] data` in Humble,
+# `char[16] data` in Jazzy, so DDS peers of the two distros cannot exchange it.
+ROS_DISTROS = ("humble", "jazzy")
+DEFAULT_DISTRO = "jazzy"
+GID = "rmw_dds_common/msg/Gid"
+NODE_ENTITIES_INFO = "rmw_dds_common/msg/NodeEntitiesInfo"
+PARTICIPANT_ENTITIES_INFO = "rmw_dds_common/msg/ParticipantEntitiesInfo"
+GID_SIZE = {"humble": 24, "jazzy": 16}
+DISCOVERY_DEFINITIONS: dict[str, str] = {
+    NODE_ENTITIES_INFO: (
+        "string<=256 node_namespace\nstring<=256 node_name\nGid[] reader_gid_seq\n"
+        "Gid[] writer_gid_seq\n"
+    ),
+    PARTICIPANT_ENTITIES_INFO: "Gid gid\nNodeEntitiesInfo[] node_entities_info_seq\n",
+}
+
 IMAGE = "sensor_msgs/msg/Image"
 COMPRESSED_IMAGE = "sensor_msgs/msg/CompressedImage"
 DETECTION_ARRAY = "vision_msgs/msg/Detection2DArray"
@@ -60,12 +79,25 @@ def make_header(stamp_ns: int, frame_id: str) -> Any:
     return types["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
 
-@cache
-def typestore() -> Typestore:
+def definitions(distro: str = DEFAULT_DISTRO) -> dict[str, str]:
+    """Every definition above, with the Gid layout of `distro` (humble or jazzy)."""
+    if distro not in ROS_DISTROS:
+        raise ConfigError(f"ROS distro {distro!r}: choose one of {', '.join(ROS_DISTROS)}")
+    gid = {GID: f"char[{GID_SIZE[distro]}] data\n"}
+    return {**DEFINITIONS, **gid, **DISCOVERY_DEFINITIONS}
+
+
+def typestore(distro: str = DEFAULT_DISTRO) -> Typestore:
     """A typestore holding exactly the definitions above (nothing from elsewhere)."""
+    return _typestore(distro)
+
+
+@cache
+def _typestore(distro: str) -> Typestore:
+    """One store per distro, however it is asked for (`typestore()` or by name)."""
     store = get_typestore(Stores.EMPTY)
     types = {}
-    for name, text in DEFINITIONS.items():
+    for name, text in definitions(distro).items():
         types.update(get_types_from_msg(text, name))
     store.register(types)
     return store

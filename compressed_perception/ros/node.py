@@ -33,13 +33,9 @@ from compressed_perception.ros.config import (
     QOS_CHOICES,
     from_parameters,
     parameter_defaults,
+    refuse_unknown,
 )
-from compressed_perception.ros.convert import (
-    VisionTypes,
-    bgr_to_image_fields,
-    detection_array,
-    detections_topic,
-)
+from compressed_perception.ros.convert import VisionTypes, bgr_to_image_fields, detection_array
 from compressed_perception.ros.core import PerceptionCore, detector_from_config, diagnostic_array
 from compressed_perception.runtime.annotate import annotate
 from compressed_perception.runtime.detector import FrameResult
@@ -83,8 +79,14 @@ class PerceptionNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         """`kwargs` go to `rclpy.node.Node`, e.g. `parameter_overrides` in tests."""
         super().__init__(NODE_NAME, **kwargs)
+        source = f"{self.get_fully_qualified_name()} parameters"
         try:
-            self.config = from_parameters(self._declare_parameters(), f"{NODE_NAME} parameters")
+            values = self._declare_parameters()
+            # rclpy keeps overrides nobody declares without a word; it has no public way to
+            # list them (Humble, Jazzy): `_parameter_overrides` is what declare_parameter reads.
+            refuse_unknown(self._parameter_overrides, source)
+            self.config = from_parameters(values, source)
+            self.config.check_topics(self.resolve_topic_name)  # with namespace and remaps
             self.detector = detector_from_config(self.config)
         except (PerceptionError, ParameterException) as exc:
             self.get_logger().fatal(f"cannot start: {exc}")
@@ -93,20 +95,18 @@ class PerceptionNode(Node):
         self._vision = VisionTypes.from_lookup(_message_class)
         output_qos = _qos(ReliabilityPolicy.RELIABLE, OUTPUT_DEPTH)
         self._outputs = [
-            self.create_publisher(
-                Detection2DArray, detections_topic(camera, config.detections_topic), output_qos
-            )
-            for camera in config.cameras
+            self.create_publisher(Detection2DArray, topic, output_qos)
+            for topic in config.output_topics()
         ]
         self._debug = [
-            self.create_publisher(Image, detections_topic(camera, "debug_image"), output_qos)
-            for camera in config.cameras
+            self.create_publisher(Image, topic, output_qos)
+            for topic in config.output_topics("debug_image")
             if config.publish_debug_image
         ]
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", output_qos)
         self.core = PerceptionCore(
             self.detector,
-            [config.input_topic(camera) for camera in config.cameras],
+            [self.resolve_topic_name(config.input_topic(camera)) for camera in config.cameras],
             config.compressed,
             self._publish,
             self.get_logger().warning,
@@ -133,7 +133,7 @@ class PerceptionNode(Node):
             clock=Clock(clock_type=ClockType.STEADY_TIME),
         )
         self.core.start()
-        inputs = ", ".join(config.input_topic(camera) for camera in config.cameras)
+        inputs = ", ".join(subscription.topic_name for subscription in self._inputs)
         self.get_logger().info(
             f"{self.detector.manifest.name} on {self.detector.backend.name}: {inputs}"
         )

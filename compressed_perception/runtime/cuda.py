@@ -10,6 +10,8 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +23,48 @@ DEVICE = 0
 INSTALL_HINT = "pip install pycuda (or cuda-python)"
 
 
-class _PyCuda:
-    """pycuda's driver API; its objects free themselves when collected, `free` does it now."""
+class _DriverStack:
+    """The calling thread's CUDA context stack, through the driver library itself.
 
-    def __init__(self, driver: Any) -> None:
+    Only for the one entry pycuda leaves behind and cannot pop (see `_PyCuda.release`).
+    """
+
+    def __init__(self) -> None:
+        name = "nvcuda.dll" if os.name == "nt" else "libcuda.so.1"
+        try:
+            self._lib = ctypes.CDLL(name)
+        except OSError as exc:
+            raise BackendError(f"cannot load the CUDA driver library {name} ({exc})") from exc
+        for function in ("cuCtxGetCurrent", "cuCtxPopCurrent_v2"):
+            getattr(self._lib, function).argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+            getattr(self._lib, function).restype = ctypes.c_int
+
+    def current(self) -> int:
+        """The current context's handle; 0 when there is none."""
+        return self._call("cuCtxGetCurrent")
+
+    def pop(self) -> int:
+        """Pop the current context; returns its handle."""
+        return self._call("cuCtxPopCurrent_v2")
+
+    def _call(self, function: str) -> int:
+        handle = ctypes.c_void_p()
+        result = getattr(self._lib, function)(ctypes.byref(handle))
+        if result != 0:  # CUDA_SUCCESS
+            raise BackendError(f"CUDA {function} failed with CUresult {result}")
+        return handle.value or 0
+
+
+class _PyCuda:
+    """pycuda's driver API; its objects free themselves when collected, `free` does it now.
+
+    pycuda keeps a context stack of its own per thread and mirrors only its top on the
+    driver's; `stack` is the driver's, for what pycuda cannot undo itself.
+    """
+
+    def __init__(self, driver: Any, stack: Any) -> None:
         self._cuda = driver
+        self._stack = stack
         self.errors: tuple[type[Exception], ...] = (driver.Error,)
         try:
             driver.init()
@@ -48,7 +87,25 @@ class _PyCuda:
         self._cuda.Context.pop()
 
     def release(self, context: Any) -> None:
+        """Undo `retain` and leave this thread's context stack as it was.
+
+        `Context.close` calls this on the retaining thread with the context not current,
+        where pycuda's `detach` pushes the context, releases it with
+        cuDevicePrimaryCtxRelease and, taking it for cuCtxDetach, assumes that popped it.
+        Unlike cuCtxDestroy, the release never pops (CUDA driver API), so the released
+        context would stay current on this thread; pycuda has no call that pops it (its
+        `Context.pop` pops only entries of its own stack, which detach never added), so
+        it is popped here through the driver, after checking it is the one on top.
+        """
+        handle = context.handle
         context.detach()
+        top = self._stack.current()
+        if top != handle:
+            raise BackendError(
+                f"after releasing the primary context {handle:#x}, context {top:#x} is "
+                "current instead: left on the stack rather than popping another's context"
+            )
+        self._stack.pop()
 
     def stream(self) -> tuple[Any, int]:
         stream = self._cuda.Stream()
@@ -82,7 +139,13 @@ class _PyCuda:
 
 
 class _CudaRuntime:
-    """cuda-python's runtime API: calls return (error, result...) tuples instead of raising."""
+    """cuda-python's runtime API: calls return (error, result...) tuples instead of raising.
+
+    The runtime retains the primary context itself, once per process, and makes it current
+    on each thread with cudaSetDevice (setting the top of the thread's stack, not pushing
+    onto it), as TensorRT's own runtime calls do; so there is nothing to pop or release,
+    and `Context`'s rules (close on the creating thread) hold here only for consistency.
+    """
 
     errors: tuple[type[Exception], ...] = ()
 
@@ -107,7 +170,7 @@ class _CudaRuntime:
         return name.rstrip("\x00"), f"{props.major}.{props.minor}"
 
     def retain(self) -> None:
-        self._call("cudaSetDevice", DEVICE)  # the runtime retains the primary context itself
+        self._call("cudaSetDevice", DEVICE)  # the runtime retains the primary context
 
     def push(self, context: None) -> None:
         self._call("cudaSetDevice", DEVICE)  # the current device is per thread
@@ -157,7 +220,7 @@ class _CudaRuntime:
 def _driver() -> _PyCuda | _CudaRuntime:
     """The binding in use; failures are not cached, so installing one later works."""
     try:
-        return _PyCuda(importlib.import_module("pycuda.driver"))
+        return _PyCuda(importlib.import_module("pycuda.driver"), _DriverStack())
     except ImportError as exc:
         pycuda_missing = exc
     # cuda-python >= 12.8 and 13 name it cuda.bindings.runtime; older releases cuda.cudart
@@ -178,29 +241,60 @@ class Context:
     """Device 0's primary context, retained until `close`; `active` makes it current.
 
     Activating per call rather than once lets a backend made on one thread run on another.
+    `close` must run on the thread that made the context and outside `active`: pycuda
+    releases a primary context only on the thread that retained it (from any other thread
+    it silently keeps it retained). Anywhere else `close` raises BackendError and changes
+    nothing, so it can be called again on the right thread.
     """
 
     def __init__(self) -> None:
         self._driver = _driver()
         self._handle = self._driver.retain()
+        self._owner = threading.current_thread()
+        self._lock = threading.Lock()
+        self._in_use = 0  # `active` blocks open, on any thread
         self._open = True
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        if not self._open:
-            raise BackendError("CUDA context used after close()")
-        self._driver.push(self._handle)
+        with self._lock:
+            if not self._open:
+                raise BackendError("CUDA context used after close()")
+            self._in_use += 1
         try:
-            yield
+            self._driver.push(self._handle)
+            try:
+                yield
+            finally:
+                self._driver.pop(self._handle)
         except self._driver.errors as exc:
             raise BackendError(f"CUDA: {exc}") from exc
         finally:
-            self._driver.pop(self._handle)
+            with self._lock:
+                self._in_use -= 1
+
+    def check_closable(self) -> None:
+        """Raise BackendError unless `close` may run here and now."""
+        here = threading.current_thread()
+        if here is not self._owner:
+            raise BackendError(
+                f"CUDA context closed on thread {here.name!r}, but it was made on "
+                f"{self._owner.name!r}; pycuda releases a primary context only on the thread "
+                "that retained it: close it there"
+            )
+        if self._in_use:
+            raise BackendError("CUDA context closed while it is active (inside active())")
 
     def close(self) -> None:
-        if self._open:
-            self._driver.release(self._handle)
+        with self._lock:
+            if not self._open:
+                return
+            self.check_closable()
             self._open = False
+        try:
+            self._driver.release(self._handle)
+        except self._driver.errors as exc:
+            raise BackendError(f"CUDA: releasing the primary context failed: {exc}") from exc
 
 
 class Stream:
@@ -240,22 +334,27 @@ class DeviceBuffer:
         self.nbytes = nbytes
         self.ptr, self._owner = self._driver.device_alloc(nbytes)
 
-    def copy_from_host_async(self, host: HostBuffer, stream: Stream) -> None:
-        self._check_fits(host)
-        self._driver.to_device(self.ptr, host.array, stream._stream)
+    def copy_from_host_async(
+        self, host: HostBuffer, stream: Stream, rows: int | None = None
+    ) -> None:
+        """Queue a copy of `host`'s first `rows` rows (all by default) to this buffer."""
+        self._driver.to_device(self.ptr, self._fitting(host, rows), stream._stream)
 
-    def copy_to_host_async(self, host: HostBuffer, stream: Stream) -> None:
-        self._check_fits(host)
-        self._driver.to_host(host.array, self.ptr, stream._stream)
+    def copy_to_host_async(self, host: HostBuffer, stream: Stream, rows: int | None = None) -> None:
+        """Queue a copy of this buffer into `host`'s first `rows` rows (all by default)."""
+        self._driver.to_host(self._fitting(host, rows), self.ptr, stream._stream)
 
     def free(self) -> None:
         if self._owner is not None:
             self._driver.free_device(self._owner)
             self._owner = None
 
-    def _check_fits(self, host: HostBuffer) -> None:
-        if host.array.nbytes > self.nbytes:
+    def _fitting(self, host: HostBuffer, rows: int | None) -> np.ndarray:
+        """The part of `host` to copy: its first `rows` rows, contiguous pinned memory."""
+        part = host.array if rows is None else host.array[:rows]
+        if part.nbytes > self.nbytes:
             raise BackendError(
-                f"host buffer of {host.array.nbytes} bytes does not fit a {self.nbytes}-byte "
+                f"host buffer of {part.nbytes} bytes does not fit a {self.nbytes}-byte "
                 "device buffer"
             )
+        return part

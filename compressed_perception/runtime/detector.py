@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressed_perception.errors import ConfigError
+from compressed_perception.errors import BackendError, ConfigError
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.backends.base import Backend
 from compressed_perception.runtime.manifest import Manifest, load_manifest
@@ -40,6 +40,21 @@ class FrameResult:
     latency_ms: StageTimes
 
 
+def batch_limit(manifest: Manifest, backend: Backend) -> int:
+    """The most frames one call takes: the model's fixed batch, else DYNAMIC_BATCH_LIMIT,
+    lowered to the backend's own `max_batch` where it has one (a TensorRT engine is built
+    for a range of batches), so that no caller batches more than the backend takes."""
+    limit = manifest.io.batch or DYNAMIC_BATCH_LIMIT
+    own = getattr(backend, "max_batch", None)
+    if own is None:
+        return limit
+    if type(own) is not int or own < 1:
+        raise BackendError(
+            f"backend {backend.name!r}: max_batch {own!r} is not a positive whole number"
+        )
+    return min(limit, own)
+
+
 class Detector:
     """Ties a backend to the host-side pre- and postprocessing of the model contract."""
 
@@ -50,7 +65,7 @@ class Detector:
         self.backend = backend
         self.config = config or PostprocessConfig()
         self.labels = manifest.classes
-        self.max_batch = manifest.io.batch or DYNAMIC_BATCH_LIMIT
+        self.max_batch = batch_limit(manifest, backend)
         self._letterbox = Letterbox(manifest.io.width, manifest.io.height, batch=self.max_batch)
 
     @classmethod

@@ -13,7 +13,7 @@ from compressed_perception.atomic import write_json
 from compressed_perception.errors import ConfigError, IntegrityError, ModelError
 
 FORMAT = "compressed_perception/manifest@1"
-ARTIFACT_KINDS = ("onnx", "torch", "tensorrt")
+ARTIFACT_KINDS = ("onnx", "torch", "tensorrt", "openvino")
 
 
 def sha256_file(path: Path) -> str:
@@ -42,23 +42,35 @@ class Manifest:
     classes: tuple[str, ...]
     precision: str
     artifacts: dict[str, str]  # kind -> file name, relative to the manifest's folder
-    checksums: dict[str, str]  # file name -> sha256
+    checksums: dict[str, str]  # file name -> sha256, artifacts and companions alike
     io: TensorSpec = field(default_factory=TensorSpec)
     architecture: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)
     folder: Path = Path()
+    # kind -> further files the artifact needs beside it (an OpenVINO IR's weights)
+    companions: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
         return self.folder / "manifest.json"
 
     def artifact(self, kind: str) -> Path:
-        """The verified path of one model file; raises if absent, truncated or tampered."""
+        """The verified path of one model file (its companions verified too); raises if
+        any is absent, truncated or tampered."""
         if kind not in self.artifacts:
             have = ", ".join(sorted(self.artifacts)) or "none"
             raise ModelError(f"{self.path}: no {kind} artifact in this manifest (has: {have})")
-        name = self.artifacts[kind]
+        for name in (*self.companions.get(kind, ()), self.artifacts[kind]):
+            self._verify(kind, name)
+        return self.folder / self.artifacts[kind]
+
+    def verify(self) -> None:
+        """Every file the manifest lists is present and has its recorded checksum."""
+        for kind in self.artifacts:
+            self.artifact(kind)
+
+    def _verify(self, kind: str, name: str) -> None:
         path = self.folder / name
         if not path.is_file():
             raise ModelError(f"{path}: {kind} model file listed in {self.path} is missing")
@@ -68,7 +80,6 @@ class Manifest:
                 f"{path}: sha256 {actual[:16]}... does not match {self.path} "
                 f"({str(self.checksums.get(name))[:16]}...): truncated, tampered or stale file"
             )
-        return path
 
     def class_ids(self, names: Sequence[str]) -> tuple[int, ...] | None:
         """Class names or numeric ids to indices; None when `names` is empty (keep all)."""
@@ -99,24 +110,39 @@ class Manifest:
             },
             "outputs": {"boxes": io.boxes_name, "scores": io.scores_name},
             "classes": list(self.classes),
-            "artifacts": {
-                kind: {"file": name, "sha256": self.checksums[name]}
-                for kind, name in self.artifacts.items()
-            },
+            "artifacts": {kind: self._artifact_entry(kind) for kind in self.artifacts},
             "architecture": self.architecture,
             "source": self.source,
             "build": self.build,
         }
+
+    def _artifact_entry(self, kind: str) -> dict[str, Any]:
+        name = self.artifacts[kind]
+        entry: dict[str, Any] = {"file": name, "sha256": self.checksums[name]}
+        if self.companions.get(kind):
+            entry["companions"] = [
+                {"file": other, "sha256": self.checksums[other]} for other in self.companions[kind]
+            ]
+        return entry
 
     def save(self) -> Path:
         write_json(self.path, self.to_dict())
         return self.path
 
 
-def create_manifest(folder: Path, artifacts: dict[str, str], **fields: Any) -> Manifest:
+def create_manifest(
+    folder: Path,
+    artifacts: dict[str, str],
+    companions: dict[str, list[str]] | None = None,
+    **fields: Any,
+) -> Manifest:
     """A manifest for files already written to `folder`, their checksums taken now."""
-    checksums = {name: sha256_file(folder / name) for name in artifacts.values()}
-    return Manifest(folder=folder, artifacts=artifacts, checksums=checksums, **fields)
+    extra = {kind: tuple(names) for kind, names in (companions or {}).items()}
+    names = [*artifacts.values(), *(n for group in extra.values() for n in group)]
+    checksums = {name: sha256_file(folder / name) for name in names}
+    return Manifest(
+        folder=folder, artifacts=artifacts, checksums=checksums, companions=extra, **fields
+    )
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -148,12 +174,20 @@ def _parse(data: dict[str, Any], folder: Path) -> Manifest:
     classes = tuple(str(c) for c in data["classes"])
     if not classes:
         raise ValueError("no class names")
+    entries = data["artifacts"]
+    companions = {
+        kind: tuple(str(c["file"]) for c in entry.get("companions", ()))
+        for kind, entry in entries.items()
+        if entry.get("companions")
+    }
+    files = [*entries.values(), *(c for e in entries.values() for c in e.get("companions", ()))]
     return Manifest(
         name=str(data["name"]),
         classes=classes,
         precision=str(data["precision"]),
-        artifacts={kind: str(a["file"]) for kind, a in data["artifacts"].items()},
-        checksums={str(a["file"]): str(a["sha256"]) for a in data["artifacts"].values()},
+        artifacts={kind: str(a["file"]) for kind, a in entries.items()},
+        checksums={str(a["file"]): str(a["sha256"]) for a in files},
+        companions=companions,
         io=TensorSpec(
             input_name=str(data["input"]["name"]),
             height=int(height),

@@ -1,4 +1,4 @@
-"""TensorRT engines on an NVIDIA GPU, through the TensorRT 10 named-tensor API.
+"""TensorRT engines on an NVIDIA GPU, through the named-tensor API of TensorRT 10 and 11.
 
 An engine runs only under the TensorRT release and on the kind of GPU that built it, so the
 manifest's build record is checked before TensorRT ever sees the file.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,17 @@ def import_tensorrt() -> ModuleType:
         return importlib.import_module("tensorrt")
     except ImportError as exc:
         raise BackendError(f"TensorRT is not available here ({exc}); {INSTALL_HINT}") from exc
+
+
+def unavailable() -> str | None:
+    """None when TensorRT and a GPU are here (an engine can be built and run), else why not."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return f"tensorrt is not installed ({INSTALL_HINT})"
+    try:
+        cuda.device_info()
+    except BackendError as exc:
+        return str(exc)
+    return None
 
 
 @functools.cache
@@ -93,9 +105,8 @@ def check_engine_compatible(
 
 @dataclass
 class _Buffers:
-    """Pinned host and device memory for every I/O tensor at one batch size."""
+    """Pinned host and device memory for every I/O tensor, sized once for the largest batch."""
 
-    batch: int
     tensors: dict[str, tuple[cuda.HostBuffer, cuda.DeviceBuffer]]
 
     def free(self) -> None:
@@ -104,8 +115,23 @@ class _Buffers:
             host.free()
 
 
+def engine_batches(engine: Any, name: str) -> tuple[int, int]:
+    """The smallest and largest batch `engine` takes on input `name`: its fixed batch, or the
+    range of its optimization profile 0 (the one a first execution context uses)."""
+    fixed = int(engine.get_tensor_shape(name)[0])
+    if fixed >= 0:
+        return fixed, fixed
+    smallest, _best, largest = engine.get_tensor_profile_shape(name, 0)
+    return int(smallest[0]), int(largest[0])
+
+
 class TensorRtBackend:
-    """`threads` is accepted for the common signature; the GPU does the work."""
+    """`threads` is accepted for the common signature; the GPU does the work.
+
+    `max_batch` is the most images one `infer` takes, from the engine itself. Memory for
+    that many is allocated once; a smaller batch uses its first rows. `close` must run on
+    the thread that made the backend (see `cuda.Context`).
+    """
 
     name = "tensorrt"
 
@@ -120,6 +146,8 @@ class TensorRtBackend:
         self._engine: Any = None
         self._execution: Any = None
         self._stream: cuda.Stream | None = None
+        self.min_batch = self.max_batch = 0
+        self._dynamic = False
         self._context: cuda.Context | None = cuda.Context()
         try:
             with self._context.active():
@@ -137,8 +165,12 @@ class TensorRtBackend:
                 f"(see its messages above); {REBUILD_HINT}"
             )
         self._check_io(trt, path)
+        self.min_batch, self.max_batch = engine_batches(self._engine, self._io.input_name)
+        self._check_batches(path)
+        self._dynamic = self.min_batch != self.max_batch
         self._execution = self._engine.create_execution_context()
         self._stream = cuda.Stream()
+        self._buffers = self._allocate()
 
     def _check_io(self, trt: ModuleType, path: Path) -> None:
         """The engine must keep the model I/O contract the rest of the pipeline relies on."""
@@ -156,66 +188,96 @@ class TensorRtBackend:
             if actual != (mode, dtype):
                 raise BackendError(f"{path}: tensor {name!r} is {actual}, expected {mode, dtype}")
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = images.shape[0]
-        if self._io.batch is not None and batch != self._io.batch:
-            raise BackendError(f"model takes batch {self._io.batch}, got {batch} images")
-        if self._context is None:
-            raise BackendError("TensorRT backend used after close()")
-        with self._context.active():
-            if self._buffers is None or self._buffers.batch != batch:
-                self._free_buffers()
-                self._buffers = self._allocate(batch)
-            return self._run(images, self._buffers)
+    def _check_batches(self, path: Path) -> None:
+        """A fixed-batch model needs an engine of that batch; any engine needs batch >= 1."""
+        fixed = self._io.batch
+        if self.min_batch < 1 or (fixed is not None and self.max_batch != fixed):
+            wanted = f"batch {fixed}" if fixed is not None else "batches from 1"
+            raise BackendError(
+                f"{path}: engine takes batches {self.min_batch}..{self.max_batch}, the "
+                f"manifest's model {wanted}; {REBUILD_HINT}"
+            )
 
-    def _allocate(self, batch: int) -> _Buffers:
-        """Buffers sized by TensorRT's own shape inference, kept until the batch size changes."""
+    def _allocate(self) -> _Buffers:
+        """Buffers for `max_batch` images, sized by TensorRT's own shape inference and bound
+        to the engine once: every call reuses them."""
         io = self._io
-        if not self._execution.set_input_shape(io.input_name, (batch, io.height, io.width, 3)):
-            raise BackendError(f"engine does not take a batch of {batch}; build it for more")
+        self._set_batch(self.max_batch)
         tensors = {}
         dtypes = {io.input_name: np.uint8, io.boxes_name: np.float32, io.scores_name: np.float32}
         for name, dtype in dtypes.items():
-            host = cuda.HostBuffer(tuple(self._execution.get_tensor_shape(name)), dtype)
+            shape = tuple(self._execution.get_tensor_shape(name))
+            if shape[0] != self.max_batch:
+                raise BackendError(f"engine tensor {name!r} of shape {shape} is not batch-major")
+            host = cuda.HostBuffer(shape, dtype)
             device = cuda.DeviceBuffer(host.array.nbytes)
-            self._execution.set_tensor_address(name, device.ptr)
             tensors[name] = (host, device)
-        return _Buffers(batch, tensors)
+            if not self._execution.set_tensor_address(name, device.ptr):
+                raise BackendError(f"TensorRT refused the address of tensor {name!r}")
+        return _Buffers(tensors)
 
-    def _run(self, images: np.ndarray, buffers: _Buffers) -> tuple[np.ndarray, np.ndarray]:
-        """Copy in, execute, copy out, all queued on one stream; one wait at the end."""
-        io, stream = self._io, self._stream
-        host, device = buffers.tensors[io.input_name]
-        if images.dtype != np.uint8 or images.shape != host.array.shape:
+    def _set_batch(self, batch: int) -> None:
+        """Tell a dynamic-batch engine this call's batch; a fixed one knows it already."""
+        io = self._io
+        shape = (batch, io.height, io.width, 3)
+        if self._dynamic and not self._execution.set_input_shape(io.input_name, shape):
+            raise BackendError(f"TensorRT refused input shape {shape} (see its messages above)")
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._context is None or self._buffers is None:
+            raise BackendError("TensorRT backend used after close()")
+        self._check_images(images)
+        with self._context.active():
+            return self._run(images, self._buffers)
+
+    def _check_images(self, images: np.ndarray) -> None:
+        """Refuse what the engine would misread, before anything is copied."""
+        io = self._io
+        image = (io.height, io.width, 3)
+        if images.dtype != np.uint8 or images.shape[1:] != image:
             raise BackendError(
-                f"model takes uint8 images of shape {host.array.shape}, "
+                f"model takes uint8 images of shape (batch, {', '.join(map(str, image))}), "
                 f"got {images.dtype} {images.shape}"
             )
-        np.copyto(host.array, images)
-        device.copy_from_host_async(host, stream)
+        if not self.min_batch <= images.shape[0] <= self.max_batch:
+            raise BackendError(
+                f"engine takes {self.min_batch}..{self.max_batch} images per call, "
+                f"got {images.shape[0]}"
+            )
+
+    def _run(self, images: np.ndarray, buffers: _Buffers) -> tuple[np.ndarray, np.ndarray]:
+        """Copy in, execute, copy out the first `batch` rows, all queued on one stream; one
+        wait at the end. The outputs are views into buffers the next call overwrites."""
+        io, stream, batch = self._io, self._stream, images.shape[0]
+        self._set_batch(batch)
+        host, device = buffers.tensors[io.input_name]
+        np.copyto(host.array[:batch], images)
+        device.copy_from_host_async(host, stream, rows=batch)
         if not self._execution.execute_async_v3(stream.handle):
             raise BackendError("TensorRT could not enqueue inference (see its messages above)")
         outputs = [buffers.tensors[io.boxes_name], buffers.tensors[io.scores_name]]
         for host_out, device_out in outputs:
-            device_out.copy_to_host_async(host_out, stream)
+            device_out.copy_to_host_async(host_out, stream, rows=batch)
         stream.synchronize()
-        return outputs[0][0].array, outputs[1][0].array
+        return outputs[0][0].array[:batch], outputs[1][0].array[:batch]
 
     def close(self) -> None:
-        """Free device memory and release the CUDA context; the backend is unusable after."""
+        """Free device memory and release the CUDA context; the backend is unusable after.
+
+        Only on the thread that made the backend; elsewhere it raises BackendError and
+        frees nothing, so it can be called again there.
+        """
         if self._context is None:
             return
+        self._context.check_closable()
         with self._context.active():
             if self._stream is not None:
                 self._stream.synchronize()  # nothing may still be copying into what is freed
-            self._free_buffers()
+            if self._buffers is not None:
+                self._buffers.free()
+                self._buffers = None
             if self._stream is not None:
                 self._stream.free()
             self._execution = self._engine = self._runtime = None  # TensorRT frees its memory
         self._context.close()
         self._context = None
-
-    def _free_buffers(self) -> None:
-        if self._buffers is not None:
-            self._buffers.free()
-            self._buffers = None

@@ -1,0 +1,110 @@
+"""Distillation never hurts: a student that already is the teacher stays the teacher, and
+the step kept is the one that agrees best with the teacher on held-aside frames."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="distillation needs the build extra (torch)")
+from compressed_perception.compress import distill as distill_module  # noqa: E402
+from compressed_perception.compress.distill import DistillSettings, distill  # noqa: E402
+from compressed_perception.compress.recipe import load_recipe  # noqa: E402
+from compressed_perception.datasets import FrameSource, load_frames  # noqa: E402
+from compressed_perception.errors import ConfigError  # noqa: E402
+from compressed_perception.evaluation.coco import agreement  # noqa: E402
+from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
+from compressed_perception.runtime.backends import open_backend  # noqa: E402
+from compressed_perception.runtime.detector import Detector  # noqa: E402
+from compressed_perception.runtime.manifest import load_manifest  # noqa: E402
+from compressed_perception.runtime.postprocess import PostprocessConfig  # noqa: E402
+
+from conftest import MODEL_DIR, ROOT  # noqa: E402
+
+SAMPLE_BAG = ROOT / "data" / "sample_bag"
+HELD_OUT = ROOT / "data" / "vtest_heldout"
+
+
+def _model():
+    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+
+
+def _held_out_agreement(model, tmp_path):
+    """Agreement of `model` with the FP32 original on the committed held-out frames."""
+    from compressed_perception.compress.artifacts import write_model
+
+    manifest = write_model(model, tmp_path, load_manifest(MODEL_DIR), "test", dynamic_batch=False)
+    frames = load_frames(FrameSource(str(HELD_OUT)))
+    config = PostprocessConfig(score_threshold=0.05)
+    reference = load_manifest(MODEL_DIR)
+    expected = Detector(reference, open_backend(reference, "onnxruntime"), config)
+    found = Detector(manifest, open_backend(manifest, "onnxruntime"), config)
+    result = agreement(
+        [expected.detect(f).detections for f in frames],
+        [found.detect(f).detections for f in frames],
+        [(f.shape[1], f.shape[0]) for f in frames],
+        reference.classes,
+    )
+    return result.map, result.map50
+
+
+def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
+    """The default recipe's distillation, a few dozen steps on real training frames, from a
+    student that already is the teacher: every validation and the held-out frames agree."""
+    defaults = load_recipe(ROOT / "config" / "build.yaml").stage("distill")
+    settings = DistillSettings(**{**defaults.__dict__, "steps": 36, "validate_every": 12})
+    frames = load_frames(FrameSource(str(SAMPLE_BAG)))
+    student = _model()
+    report = distill(student, _model(), frames, settings)
+    assert len(report.losses) == 36
+    assert [v["step"] for v in report.validation] == [0, 12, 24, 36]
+    # the training itself never drifted, not only the step kept
+    assert all(v["map"] >= 0.99 and v["map50"] >= 0.99 for v in report.validation), (
+        report.validation
+    )
+    held_map, held_map50 = _held_out_agreement(student, tmp_path)
+    assert held_map >= 0.99 and held_map50 >= 0.99
+
+
+def test_the_best_validation_step_is_kept():
+    model = _model()
+    best = distill_module._Best(model, {"step": 0, "map": 0.5, "map50": 0.6})
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.head.preds[0].bias += 1.0
+    assert best.offer(model, {"step": 10, "map": 0.7, "map50": 0.8})
+    improved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.head.preds[0].bias += 1.0
+    assert not best.offer(model, {"step": 20, "map": 0.6, "map50": 0.7})
+    best.restore(model)
+    assert best.step == 10
+    assert all(torch.equal(improved[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(original["head.preds.0.bias"], model.head.preds[0].bias)
+
+
+def test_too_few_frames_for_validation(frames):
+    with pytest.raises(ConfigError, match=r"40 training frames, need more than validation_frames"):
+        distill(_model(), _model(), frames, DistillSettings(steps=1))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch": 0}, "batch"),
+        ({"lr": 0}, "lr"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"validation_frames": 1}, "validation_frames"),
+        ({"precision": "fp8"}, "precision"),
+    ],
+)
+def test_bad_distill_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillSettings(**settings)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.setattr(distill_module, "_cpu_has_bf16", lambda: True)
+    assert distill_module.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(distill_module, "_cpu_has_bf16", lambda: False)
+    assert distill_module.resolve_precision("auto", "cpu") == "fp32"
+    assert distill_module.resolve_precision("fp32", "cpu") == "fp32"
