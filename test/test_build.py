@@ -196,3 +196,33 @@ def test_cli_refuses_too_few_training_frames(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "40 frames selected, at least 300 needed" in err and str(FRAMES_DIR) in err
     assert not list((tmp_path / "out").glob("stages/*"))
+
+
+def test_ship_copies_what_the_report_measured(quick_build, tmp_path):
+    from compressed_perception.compress.ship import ship
+
+    out, _ = quick_build
+    index = tmp_path / "default.json"
+    shipped = ship(out, tmp_path / "shipped", index, "nanodet_g/manifest.json")
+    report = load_report(out / "report.json")
+    record = json.loads((tmp_path / "shipped" / "shipped.json").read_text())
+    assert set(record["artifacts"]) >= {"fp32", "ort_int8", "openvino_int8", "qdq_int8"}
+    for folder, entry in record["artifacts"].items():
+        load_manifest(tmp_path / "shipped" / folder).verify()
+        row = next(m for m in report.measurements if m.path == entry["build_path"])
+        assert row.accuracy == entry["accuracy"] and row.stage == entry["row"]
+    order = json.loads(index.read_text())["artifacts"]
+    assert order == shipped.default_order and order[-1] == "nanodet_g/manifest.json"
+    for relative in order[:-1]:  # only artifacts that met the accuracy targets come first
+        folder = relative.split("/")[1]
+        accuracy = record["artifacts"][folder]["accuracy"]
+        assert accuracy["map"] >= 0.80 and accuracy["map50"] >= 0.90
+
+
+def test_ship_refuses_a_folder_without_a_report(tmp_path):
+    from compressed_perception.compress.ship import ship
+    from compressed_perception.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"report\.json"):
+        ship(tmp_path, tmp_path / "shipped", tmp_path / "default.json", "x/manifest.json")
+    assert not (tmp_path / "shipped").exists()

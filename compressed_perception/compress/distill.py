@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -42,6 +43,11 @@ from compressed_perception.runtime.preprocess import Letterbox
 
 Progress = Callable[[int, int, float], None]  # step, steps, loss
 PRECISIONS = ("auto", "fp32", "bf16")
+# Adam divides each gradient by its own running magnitude, so with its default eps (1e-8)
+# the rounding noise of a student that already matches the teacher (gradients of 1e-12 to
+# 3e-9) became steps of the full learning rate, and the copy drifted. The floor sits above
+# that noise and far below a pruned student's real gradients (median 4e-4).
+ADAM_EPS = 1e-6
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -54,11 +60,17 @@ class DistillSettings:
     weight_decay: float = 0.0  # decay pulls a trained network away from its teacher
     warmup: int = 20  # linear warm-up steps before the cosine decay
     box_weight: float = 1.0
-    focal: float = 2.0  # exponent of the quality-focal weight on the class term
+    focal: float = 0.0  # exponent of a quality-focal weight on the class term (0: plain KL)
+    logit_weight: float = 0.1  # squared logit error on candidate scores (objective.Weights)
     flip: bool = True  # mirrored frames besides the originals
+    # random scale, placement and brightness/contrast per sample: many views of few frames
+    # (the teacher is then run on every batch instead of once per frame)
+    augment: bool = True
+    scale: tuple[float, float] = (0.6, 1.4)  # of the letterboxed content
+    colour: float = 0.2  # brightness and contrast jitter amplitude
     validation_frames: int = 40  # the last frames of the training range, never trained on
-    validate_every: int = 25  # steps between validations
-    patience: int = 6  # validations without improvement before stopping
+    validate_every: int = 100  # steps between validations
+    patience: int = 3  # validations without improvement before stopping
     precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units
     seed: int = 0
 
@@ -72,6 +84,8 @@ class DistillSettings:
             "warmup": self.warmup >= 0,
             "box_weight": self.box_weight >= 0,
             "focal": self.focal >= 0,
+            "scale": len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            "colour": 0 <= self.colour < 1,
             "validation_frames": self.validation_frames >= 4,
             "validate_every": self.validate_every >= 1,
             "patience": self.patience >= 1,
@@ -123,23 +137,28 @@ def distill(
     teacher = copy.deepcopy(teacher).to(device).eval().requires_grad_(False)
     train = _Samples(images[: -settings.validation_frames], student, settings.flip)
     validator = _Validator(images[-settings.validation_frames :], teacher, device)
-    weights = Weights(box=settings.box_weight, focal=settings.focal)
+    weights = Weights(box=settings.box_weight, focal=settings.focal, logit=settings.logit_weight)
     optimizer = _optimizer(student, settings)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(settings))
     losses: list[float] = []
-    parts: dict[str, list[float]] = {"class": [], "box": []}
+    parts: dict[str, list[float]] = {}
     best = _Best(student, validator.score(student, 0))
     started = time.perf_counter()
     stalled = 0
     targets = _TeacherCache(teacher, device, precision)
     for step in range(1, settings.steps + 1):
         student.train()
-        picks, batch = train.batch(settings.batch, rng)
-        batch = batch.to(device)
-        target = targets(picks, batch)
+        if settings.augment:
+            batch = train.augmented(settings.batch, settings, rng).to(device)
+            with torch.no_grad(), _autocast(device, precision):
+                target = teacher(batch)
+        else:
+            picks, batch = train.batch(settings.batch, rng)
+            batch = batch.to(device)
+            target = targets(picks, batch)
         with _autocast(device, precision):
             terms = discrepancy(target, student(batch), weights)
-        total = terms["class"] + terms["box"]
+        total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
@@ -147,7 +166,7 @@ def distill(
         schedule.step()
         losses.append(float(total.detach()))
         for name, value in terms.items():
-            parts[name].append(float(value.detach()))
+            parts.setdefault(name, []).append(float(value.detach()))
         if progress is not None:
             progress(step, settings.steps, losses[-1])
         if step % settings.validate_every == 0 or step == settings.steps:
@@ -197,7 +216,9 @@ def _optimizer(student: NanoDet, settings: DistillSettings) -> torch.optim.Optim
         return torch.optim.SGD(
             params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
         )
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=settings.lr, weight_decay=settings.weight_decay, eps=ADAM_EPS
+    )
 
 
 def _cosine(settings: DistillSettings) -> Callable[[int], float]:
@@ -238,7 +259,38 @@ class _Samples:
         """Which samples, and them normalised as NCHW float."""
         picks = sorted(int(p) for p in rng.choice(len(self.frames), size=size, replace=False))
         images = torch.from_numpy(self.frames[picks])
-        return picks, (images.float().permute(0, 3, 1, 2) - self.mean) / self.std
+        return picks, self._normalised(images)
+
+    def augmented(
+        self, size: int, settings: DistillSettings, rng: np.random.Generator
+    ) -> torch.Tensor:
+        """Random samples, each rescaled, placed anywhere on a black canvas of the same
+        size (cropped where it overflows) and jittered in brightness and contrast."""
+        picks = rng.choice(len(self.frames), size=size, replace=False)
+        canvas = np.zeros((size, *self.frames.shape[1:]), np.float32)
+        for slot, pick in enumerate(picks):
+            canvas[slot] = _placed(self.frames[pick], settings, rng)
+        return self._normalised(torch.from_numpy(canvas))
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float().permute(0, 3, 1, 2) - self.mean) / self.std
+
+
+def _placed(frame: np.ndarray, settings: DistillSettings, rng: np.random.Generator) -> np.ndarray:
+    height, width = frame.shape[:2]
+    factor = rng.uniform(*settings.scale)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    resized = cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    contrast = 1 + rng.uniform(-settings.colour, settings.colour)
+    brightness = 255 * rng.uniform(-settings.colour, settings.colour) / 2
+    resized = np.clip(resized * contrast + brightness, 0, 255)
+    out = np.zeros((height, width, 3), np.float32)
+    rows, cols = resized.shape[:2]
+    top = int(rng.integers(min(0, height - rows), max(0, height - rows) + 1))
+    left = int(rng.integers(min(0, width - cols), max(0, width - cols) + 1))
+    src = resized[max(0, -top) : max(0, -top) + height, max(0, -left) : max(0, -left) + width]
+    out[max(0, top) : max(0, top) + src.shape[0], max(0, left) : max(0, left) + src.shape[1]] = src
+    return out
 
 
 def _content(transform: Any, width: int, height: int) -> tuple[int, int, int, int]:
@@ -302,7 +354,7 @@ class _Validator:
 
     def _detect(self, model: NanoDet) -> list[Detections]:
         was_training = model.training
-        deploy = DeployModel(model).eval()
+        deploy = DeployModel(model).to(self.device).eval()
         height, width = model.config.input_size
         letterbox = Letterbox(width, height)
         config = PostprocessConfig(score_threshold=0.05)

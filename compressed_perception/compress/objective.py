@@ -21,19 +21,28 @@ Levels = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Weights:
+    """The defaults are distillation's defaults, so the scan prices what training minimises."""
+
     box: float = 1.0
-    focal: float = 2.0  # exponent of |p_student - p_teacher| weighting the class term
+    focal: float = 0.0  # exponent of |p_student - p_teacher| weighting the class term
+    # squared logit error where either model gives a class a score a detector would list
+    # (>= CANDIDATE): detections are ranked by score, so low scores must be right as well;
+    # KL alone barely moves scores of 0.05 against 0.1, which decide a ranking all the same
+    logit: float = 0.1
+
+
+CANDIDATE = 0.01
 
 
 def discrepancy(
     teacher: Levels, student: Levels, weights: Weights = Weights()
 ) -> dict[str, torch.Tensor]:
-    """{"class", "box"}: per-batch means, each 0 when `student` equals `teacher`.
+    """{"class", "box"[, "logit"]}: per-batch means, each 0 when `student` equals `teacher`.
 
     The class term is the Bernoulli KL divergence of the student's class probabilities from
-    the teacher's (BCE minus the teacher's entropy), quality-focal weighted; both terms are
-    normalised by the teacher's total objectness, so frames with many objects do not drown
-    frames with few.
+    the teacher's (BCE minus the teacher's entropy), optionally quality-focal weighted; the
+    class and box terms are normalised by the teacher's total objectness, so frames with
+    many objects do not drown frames with few.
     """
     t_cls, t_box = flatten_levels(teacher)
     s_cls, s_box = flatten_levels(student)
@@ -48,7 +57,12 @@ def discrepancy(
     t_dist = t_box.unflatten(-1, (4, bins)).log_softmax(-1)
     s_dist = s_box.unflatten(-1, (4, bins)).log_softmax(-1)
     kl_box = (t_dist.exp() * (t_dist - s_dist)).sum(-1).mean(-1)  # (B, N)
-    return {
+    terms = {
         "class": (kl_cls * focal).sum() / norm,
         "box": weights.box * (kl_box * objectness).sum() / norm,
     }
+    if weights.logit:
+        candidate = (torch.maximum(t_prob, s_cls.sigmoid()) >= CANDIDATE).float().detach()
+        error = (s_cls - t_cls.float()).square() * candidate
+        terms["logit"] = weights.logit * error.sum() / candidate.sum().clamp(min=1.0)
+    return terms

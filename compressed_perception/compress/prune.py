@@ -28,12 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from compressed_perception.atomic import write_json
 from compressed_perception.compress.artifacts import torch_model, write_model
+from compressed_perception.compress.linear import (
+    gram,
+    ridge_solve,
+    set_weight_matrix,
+    weight_matrix,
+)
 from compressed_perception.compress.objective import discrepancy
 from compressed_perception.compress.stage import (
     STUDENT,
@@ -50,16 +55,15 @@ IMPORTANCE = ("reconstruction", "magnitude")
 ALLOCATION = ("sensitivity", "uniform")
 ROUND_TO = 8  # channel counts that vector units and INT8 kernels like
 SEEN = 0.35  # a score the runtime reports: an output level producing one is in use
-GRAM_ROWS = 16384  # input positions per batch that estimate a layer's input statistics
 RIDGE = 1e-3  # regularisation of a local refit, relative to the mean input variance
 BATCH = 4
 
 
 @dataclass(frozen=True)
 class PruneSettings:
-    macs: float = 0.55  # budget: the pruned model's MACs as a share of the original's
+    macs: float = 0.6  # budget: the pruned model's MACs as a share of the original's
     importance: str = "reconstruction"  # or magnitude (weight L2 norm), for comparison
-    allocation: str = "sensitivity"  # per-group shares from the scan, or uniform
+    allocation: str = "uniform"  # one share for all groups, or per group from the scan
     scan_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # shares each group is scanned at
     max_ratio: float = 0.75  # most of any group's channels that may go
     calibration_frames: int = 32  # training frames for importance and the scan
@@ -98,6 +102,7 @@ class PruneReport:
     # group -> output discrepancy when only that group is pruned, per scanned ratio
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     unseen_levels: list[int] = field(default_factory=list)  # levels whose heads were kept
+    allocation: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -110,6 +115,7 @@ class PruneReport:
             "channels": self.channels,
             "sensitivity": self.sensitivity,
             "unseen_levels": self.unseen_levels,
+            "allocation": self.allocation,
         }
 
 
@@ -157,14 +163,17 @@ def prune(
     model.cpu()
     groups = channel_groups(model, graph, protect)
     costs = _MacsModel(model, groups, float(macs_before))
+    floor = costs.macs({g.root: _rounded(g.size, settings.max_ratio) for g in groups})
+    if floor > settings.macs * costs.macs({}):
+        raise ConfigError(_budget_error(settings, costs, groups))
     model.to(device)
     stats = _Statistics.measure(model, groups, batches)
     ranking = {g.root: _ranking(model, g, stats, settings.importance) for g in groups}
+    # scanned either way: the report shows where the model is fragile, whichever allocates
+    sensitivity = scan(model, groups, ranking, stats, batches, settings.scan_ratios)
     if settings.allocation == "uniform":
-        sensitivity: dict[str, dict[str, float]] = {}
         removed = _uniform(groups, costs, settings)
     else:
-        sensitivity = scan(model, groups, ranking, stats, batches, settings.scan_ratios)
         removed = _allocate(groups, costs, sensitivity, settings)
     plan = {g.root: ranking[g.root][: removed[g.root]] for g in groups}
     model.cpu()
@@ -180,6 +189,7 @@ def prune(
         channels,
         sensitivity,
         unseen,
+        settings.allocation,
     )
     return Pruned(report, kept)
 
@@ -271,25 +281,6 @@ class _Statistics:
         stats.errors = {name: error / energy for name, (error, energy, _) in totals.items()}
         stats.grams = {name: matrix for name, (_, _, matrix) in totals.items()}
         return stats
-
-
-def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(samples, cin * kh * kw) rows in the order of `conv.weight.flatten(1)`."""
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1):
-        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-
-def gram(conv: nn.Conv2d, x: torch.Tensor, rows: int = GRAM_ROWS) -> torch.Tensor:
-    """X^T X of the conv's input patches with a ones column, on at most `rows` positions
-    spread over the batch (enough to estimate it; all of them cost minutes)."""
-    found = patches(conv, x)
-    if len(found) > rows:
-        found = found[:: -(-len(found) // rows)]
-    ones = torch.ones(len(found), 1, device=found.device)
-    found = torch.cat((found, ones), dim=1).double()
-    return found.T @ found
 
 
 def _channel_sums(
@@ -399,7 +390,7 @@ def _mean_discrepancy(
     with torch.no_grad():
         for batch, teacher in zip(batches, reference, strict=True):
             terms = discrepancy(teacher, model(batch))  # type: ignore[arg-type]
-            total += float(terms["class"] + terms["box"])
+            total += float(sum(terms.values()))
     return round(total / len(batches), 6)
 
 
@@ -437,19 +428,12 @@ def _refit_and_mask(
             gone = torch.from_numpy(index[list(channels)])
             removed = (gone[:, None] * taps + torch.arange(taps)).flatten()
             matrix = stats.grams[name]
-            size = matrix.shape[0]
-            keep = torch.ones(size, dtype=torch.bool, device=matrix.device)
+            keep = torch.ones(matrix.shape[0], dtype=torch.bool, device=matrix.device)
             keep[removed.to(matrix.device)] = False
-            weights = torch.cat((conv.weight.flatten(1), conv.bias[:, None]), dim=1).T.double()
-            kept = matrix[keep][:, keep]
-            ridge = RIDGE * float(kept.diagonal()[:-1].mean())
-            regulariser = torch.eye(len(kept), dtype=kept.dtype, device=kept.device) * ridge
-            regulariser[-1, -1] = 0.0  # the bias is not shrunk
-            solved = torch.linalg.solve(kept + regulariser, matrix[keep] @ weights)
+            weights = weight_matrix(conv)
             refitted = torch.zeros_like(weights)
-            refitted[keep] = solved
-            conv.weight.copy_(refitted[:-1].T.reshape(conv.weight.shape).float())
-            conv.bias.copy_(refitted[-1].float())
+            refitted[keep] = ridge_solve(matrix[keep][:, keep], matrix[keep] @ weights, RIDGE)
+            set_weight_matrix(conv, refitted)
 
 
 def _apply(
@@ -628,11 +612,18 @@ def _tables(info: dict[str, Any]) -> dict[str, Table]:
         )
         for group, row in sensitivity.items()
     )
+    unseen = info.get("unseen_levels") or []
     note = (
-        "Output discrepancy from the original (class KL + box KL, teacher-objectness "
-        "weighted, on calibration frames) when only that group loses the given share of "
-        "its channels, their mean folded into the next layers' biases; and the channels the "
-        "allocation kept under the MACs budget."
+        "Output discrepancy from the original (distillation's objective, on calibration "
+        "frames) when only that group loses the given share of its channels, the "
+        "convolutions that read them refitted by least squares; and the channels the "
+        f"{info.get('allocation', '')} allocation kept under the MACs budget."
+        + (
+            f" The heads of output levels {unseen} were kept whole: the original detects "
+            "nothing there on these frames, so their loss could not be measured."
+            if unseen
+            else ""
+        )
     )
     columns = ("group", *(f"share {r}" for r in ratios), "channels")
     return {"Pruning sensitivity": Table(columns, rows, note)} if rows else {}

@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from compressed_perception.atomic import write_json
 from compressed_perception.compress.artifacts import torch_model, write_model
-from compressed_perception.compress.prune import KEPT, normalized_batches, patches
+from compressed_perception.compress.linear import (
+    patches,
+    ridge_solve,
+    set_weight_matrix,
+    weight_matrix,
+    with_ones,
+)
+from compressed_perception.compress.prune import KEPT, normalized_batches
 from compressed_perception.compress.stage import STUDENT, BuildContext, ModelRef, Stage, Variant
 from compressed_perception.errors import ConfigError, ModelError
 from compressed_perception.models.nanodet import NanoDet
@@ -230,27 +237,19 @@ def _refit(
     cross = torch.zeros(features + 1, outputs, dtype=torch.float64, device=device)
     squares, energy = 0.0, 0.0
     for index, (batch, y) in enumerate(zip(batches, targets, strict=True)):
-        x = _input_of(student, name, batch)
-        rows = patches(conv, x).double()
-        ones = torch.ones(len(rows), 1, dtype=torch.float64, device=device)
-        rows = torch.cat((rows, ones), dim=1)
+        rows = with_ones(patches(conv, _input_of(student, name, batch)))
         wanted = y.permute(0, 2, 3, 1).reshape(-1, outputs).double()
-        weight = ones if cells is None else cells[index].reshape(-1, 1).double()
+        weight = rows[:, -1:] if cells is None else cells[index].reshape(-1, 1).double()
         gram += (rows * weight).T @ rows
         cross += (rows * weight).T @ wanted
         squares += float((weight * wanted.square()).sum())
         centred = wanted - (weight * wanted).sum(0) / weight.sum()
         energy += float((weight * centred.square()).sum())
-    old = torch.cat((conv.weight.flatten(1), conv.bias[:, None]), dim=1).double().T
-    before = _error(gram, cross, old, squares, energy)
-    ridge = settings.ridge * float(gram.diagonal()[:-1].mean())
-    regulariser = torch.eye(features + 1, dtype=torch.float64, device=device) * ridge
-    regulariser[-1, -1] = 0.0  # the bias is not shrunk
-    solved = torch.linalg.solve(gram + regulariser, cross)
+    before = _error(gram, cross, weight_matrix(conv), squares, energy)
+    solved = ridge_solve(gram, cross, settings.ridge)
     after = _error(gram, cross, solved, squares, energy)
     if after < before:
-        conv.weight.copy_(solved[:-1].T.reshape(conv.weight.shape).float())
-        conv.bias.copy_(solved[-1].float())
+        set_weight_matrix(conv, solved)
     return {"before": round(before, 5), "after": round(min(after, before), 5)}
 
 

@@ -1,8 +1,9 @@
 """Ship a build's artifacts as a ready model under `models/`, the package's default.
 
 What is copied is exactly what the build's report measured: the FP32 student (checkpoint
-and ONNX), the CPU INT8 models and the Q/DQ ONNX for TensorRT (engines are built on the
-target GPU), each a folder with its manifest, beside the recipe and the report. The order
+and ONNX), its CPU INT8 models and its Q/DQ ONNX for TensorRT (engines are built on the
+target GPU), and the INT8 models of the unpruned original, each a folder with its
+manifest, beside the recipe and the report. The order
 in `models/default.json` is the report's: the fastest artifact that meets the accuracy
 targets first, then the others that meet them, then the FP32 original; the runtime takes
 the first one a backend installed on the machine can run.
@@ -22,13 +23,17 @@ from compressed_perception.errors import ModelError
 from compressed_perception.runtime.manifest import load_manifest
 
 # report row -> folder of the shipped model
+INT8_ROWS = (
+    "openvino-int8",
+    "ort-int8",
+    "qdq-int8",
+    "openvino-int8-unpruned",
+    "ort-int8-unpruned",
+)
 FOLDERS = {
-    "openvino-int8": "openvino_int8",
-    "ort-int8": "ort_int8",
-    "qdq-int8": "qdq_int8",
+    **{row: row.replace("-", "_") for row in INT8_ROWS},
     **dict.fromkeys(STUDENT_ROWS, "fp32"),
 }
-INT8_ROWS = ("openvino-int8", "ort-int8", "qdq-int8")
 RECORD = "shipped.json"
 
 
