@@ -62,7 +62,7 @@ class KeepSettings:
 class QdqSettings(KeepSettings):
     calibration_frames: int = 300
     method: str = "entropy"
-    high_precision: str = "fp16"  # dtype of everything not quantized (TensorRT runs it so)
+    high_precision: str = "fp32"  # dtype of everything not quantized (TensorRT runs it so)
 
     def __post_init__(self) -> None:
         check_calibration_count("quantize_qdq", self.calibration_frames)
