@@ -510,11 +510,13 @@ def _carla(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from compressed_perception.compress.build import build
     from compressed_perception.compress.recipe import load_recipe
+    from compressed_perception.compress.report import load_report, summary
 
     recipe_path = args.config or find_shared("config/build.yaml")
     recipe = load_recipe(recipe_path, quick=args.quick)
     files = build(recipe, args.out, progress=not args.no_progress, quick=args.quick)
-    print(files["md"].read_text())
+    print(summary(load_report(files["json"])))
+    print(f"stages, pruning scan, distillation curve, checks and recipe: {files['md']}")
     return 0
 
 

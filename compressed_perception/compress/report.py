@@ -164,12 +164,20 @@ def _target(entry: dict[str, Any]) -> Target:
 # --- Markdown ---------------------------------------------------------------------------
 
 
-def markdown(report: Report) -> str:
-    """A readable report; ratios are taken between rows of this same report."""
+def summary(report: Report) -> str:
+    """What a terminal shows after a build: the machine, the measurements and the targets."""
     sections = [
         _header(report),
         _measurements_section(report.measurements),
         _targets_section(report.targets),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def markdown(report: Report) -> str:
+    """A readable report; ratios are taken between rows of this same report."""
+    sections = [
+        summary(report).rstrip("\n"),
         _stages_section(report.stages),
         *(_table_section(name, table) for name, table in report.tables.items()),
         _checks_section(report.checks),
