@@ -237,7 +237,7 @@ def _model_options(parser: argparse.ArgumentParser, backend_default: str | None 
 
 def _detect(args: argparse.Namespace) -> int:
     paths = expand(args.paths)  # fail on a bad path before loading the model
-    manifest = load_manifest(resolve_model(args.model))
+    manifest = load_manifest(resolve_model(args.model, args.backend))
     config = PostprocessConfig(
         score_threshold=args.score_threshold,
         nms_threshold=args.nms_threshold,
@@ -349,7 +349,7 @@ def _bench(args: argparse.Namespace) -> int:
         sizes = [parse_size(s) for s in (args.size or DEFAULT_SIZES)]
     except ValueError as exc:
         raise ConfigError(f"--size: {exc}") from exc
-    models = [resolve_model(m) for m in args.model] if args.model else _bench_models()
+    models = [resolve_model(m) for m in args.model] if args.model else _bench_models(args)
     source = args.frames or sample_frames()
     if args.node:
         from compressed_perception.ros.dds_bench import bench_node
@@ -371,9 +371,11 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_models() -> list[Path]:
-    """The FP32 original and the shipped compressed model (once if they are the same)."""
-    return list(dict.fromkeys([resolve_model("nanodet_g"), resolve_model(None)]))
+def _bench_models(args: argparse.Namespace) -> list[Path]:
+    """The FP32 original and the shipped compressed model each backend asked for runs
+    best (each once)."""
+    defaults = [resolve_model(None, backend) for backend in args.backend or ["auto"]]
+    return list(dict.fromkeys([resolve_model("nanodet_g"), *defaults]))
 
 
 def _bench_rows(models: Sequence[Path], backends: Sequence[str] | None) -> list[tuple[Path, str]]:
@@ -409,7 +411,7 @@ def _replay(args: argparse.Namespace) -> int:
             raise ConfigError(f"input bags must have distinct names to share --out: {names}")
         jobs = [(bag, args.out / name) for bag, name in zip(args.bags, names, strict=True)]
     options = ReplayOptions(
-        model=resolve_model(args.model),
+        model=resolve_model(args.model, args.backend),
         backend=args.backend,
         topics=tuple(args.topics),
         storage=args.storage,
@@ -489,7 +491,7 @@ def _carla(args: argparse.Namespace) -> int:
         seed=args.seed,
         allow_version_mismatch=args.allow_version_mismatch,
     )
-    manifest = load_manifest(resolve_model(args.model))
+    manifest = load_manifest(resolve_model(args.model, args.backend))
     config = PostprocessConfig(score_threshold=0.05)  # scored for mAP down to 0.05
     detector = Detector(
         manifest, open_backend(manifest, args.backend, threads=args.threads), config

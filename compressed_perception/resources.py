@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from compressed_perception.errors import ModelError, PerceptionError
 
@@ -49,14 +50,15 @@ def fp32_model() -> Path:
     return find_shared(FP32_MODEL)
 
 
-def default_model() -> Path:
-    """The shipped compressed model's best artifact that a backend installed here can run.
+def default_model(backend: str = "auto") -> Path:
+    """The shipped compressed model's best artifact that `backend` (`auto`: any backend
+    installed here) can run.
 
     `models/default.json` lists the artifacts of the shipped build in the order its report
-    ranks them (the CPU INT8 model first); OpenVINO may be missing on a ROS machine, so the
-    next one is taken. Without a shipped build, the FP32 original.
+    ranks them (the CPU INT8 model first); OpenVINO may be missing on a ROS machine, or the
+    user asked for ONNX Runtime, so the next one is taken. Without a shipped build, or
+    where none fits, the FP32 original.
     """
-    from compressed_perception.runtime.backends import choose
     from compressed_perception.runtime.manifest import load_manifest
 
     try:
@@ -70,18 +72,27 @@ def default_model() -> Path:
     for relative in listed:
         path = index.parent / relative
         try:
-            choose(load_manifest(path))
+            if _runs(load_manifest(path), backend):
+                return path
         except PerceptionError:
             continue
-        return path
     return fp32_model()
 
 
-def resolve_model(model: str | Path | None) -> Path:
-    """A model argument: empty for the default, a manifest or its folder, or the name of a
-    shipped model folder (e.g. `nanodet_g` for the FP32 original)."""
+def _runs(manifest: Any, backend: str) -> bool:
+    from compressed_perception.runtime.backends import choose, runnable
+
+    if backend == "auto":
+        choose(manifest)  # raises where no installed backend runs it
+        return True
+    return backend in runnable(manifest)
+
+
+def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
+    """A model argument: empty for the default (the best one `backend` runs), a manifest or
+    its folder, or the name of a shipped model folder (e.g. `nanodet_g`, the FP32 original)."""
     if model is None or str(model) == "":
-        return default_model()
+        return default_model(backend)
     path = Path(model)
     if path.exists():
         return path

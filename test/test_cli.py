@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from compressed_perception.cli import main
+from compressed_perception.resources import resolve_model
+from compressed_perception.runtime.backends import runnable
+from compressed_perception.runtime.manifest import load_manifest
 
 from conftest import FRAMES_DIR
 
@@ -115,14 +119,44 @@ def test_unknown_backend_and_class(capsys, frame_paths):
     assert code == 2 and "'unicorn' is neither a class name nor an id" in err
 
 
+def _tampered_share(tmp_path: Path, relative: str) -> Path:
+    """A share folder with the FP32 original and the shipped default list, where the
+    manifest's main file of `relative` (under models/) has lost its last bytes."""
+    models = FRAMES_DIR.parents[1] / "models"
+    share = tmp_path / "share" / "models"
+    shutil.copytree(models / "nanodet_g", share / "nanodet_g")
+    shutil.copyfile(models / "default.json", share / "default.json")
+    folder = Path(relative).parent
+    if folder.name != "nanodet_g":
+        shutil.copytree(models / folder, share / folder)
+    manifest = load_manifest(share / relative)
+    victim = manifest.folder / next(iter(manifest.artifacts.values()))
+    victim.write_bytes(victim.read_bytes()[:-10])
+    return victim
+
+
 def test_tampered_default_model_is_refused(tmp_path, capsys, frame_paths, monkeypatch):
-    share = tmp_path / "share"
-    shutil.copytree(FRAMES_DIR.parents[1] / "models" / "nanodet_g", share / "models" / "nanodet_g")
-    onnx = share / "models" / "nanodet_g" / "nanodet_g.onnx"
-    onnx.write_bytes(onnx.read_bytes()[:-10])
-    monkeypatch.setenv("COMPRESSED_PERCEPTION_SHARE", str(share))
+    first = json.loads((FRAMES_DIR.parents[1] / "models" / "default.json").read_text())
+    victim = _tampered_share(tmp_path, first["artifacts"][0])
+    monkeypatch.setenv("COMPRESSED_PERCEPTION_SHARE", str(tmp_path / "share"))
     code, _, err = _run(capsys, "detect", frame_paths[0])
-    assert code == 2 and "nanodet_g.onnx: sha256" in err
+    assert code == 2 and f"{victim.name}: sha256" in err
+
+
+def test_tampered_original_is_refused(tmp_path, capsys, frame_paths, monkeypatch):
+    victim = _tampered_share(tmp_path, "nanodet_g/manifest.json")
+    monkeypatch.setenv("COMPRESSED_PERCEPTION_SHARE", str(tmp_path / "share"))
+    code, _, err = _run(capsys, "detect", frame_paths[0], "--model", "nanodet_g")
+    assert code == 2 and f"{victim.name}: sha256" in err
+
+
+def test_default_model_follows_the_backend_asked_for(frame_paths):
+    """`--backend onnxruntime` with no model runs the best default ONNX Runtime can run,
+    not an error about the OpenVINO model ranked first."""
+    for backend in ("auto", "onnxruntime", "openvino", "torch"):
+        manifest = load_manifest(resolve_model(None, backend))
+        if backend != "auto":
+            assert backend in runnable(manifest)
 
 
 def test_bench_reports_stages(tmp_path, capsys):

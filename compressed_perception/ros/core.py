@@ -293,7 +293,7 @@ def _level_value(status_cls: type, level: int) -> Any:
 
 def detector_from_config(config: NodeConfig) -> Detector:
     """The detector a node runs: model, backend, thresholds and class filter from its config."""
-    manifest = load_manifest(resolve_model(config.model))
+    manifest = load_manifest(resolve_model(config.model, config.backend))
     postprocess = PostprocessConfig(
         score_threshold=config.score_threshold,
         nms_threshold=config.nms_threshold,
