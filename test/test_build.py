@@ -34,6 +34,7 @@ STAGES = {
     "openvino-int8",
     "openvino-int8-unpruned",
     "quantize_qdq",
+    "quantize_qdq-unpruned",
 }
 
 
@@ -67,6 +68,7 @@ def test_report_has_every_stage_measured(quick_build):
         ("openvino-int8", "openvino"),
         ("openvino-int8-unpruned", "openvino"),
         ("qdq-int8", "onnxruntime"),
+        ("qdq-int8-unpruned", "onnxruntime"),
     }
     assert rows[("fp32", "onnxruntime")].accuracy == {"map": 1.0, "map50": 1.0}
     assert rows[("fp32", "openvino")].accuracy["map50"] > 0.98  # f32 inference, not bf16
@@ -85,7 +87,8 @@ def test_report_has_every_stage_measured(quick_build):
     )
     assert set(report.stages) == STAGES
     assert report.skipped.get("tensorrt")
-    assert report.checks["tensorrt"]["preflight"] == "passed"  # checked here, without TensorRT
+    for engine in ("tensorrt", "tensorrt-unpruned"):  # checked here, without TensorRT
+        assert report.checks[engine]["preflight"] == "passed"
     assert {t.name for t in report.targets} >= {
         "openvino-int8 latency / ORT FP32",
         "Q/DQ agreement mAP@.5",
@@ -134,7 +137,7 @@ def test_every_int8_claim_is_backed_by_the_graph(quick_build):
     but the first and the three head outputs reads INT8 input and INT8 weights."""
     out, _ = quick_build
     stages = _stages(out)
-    for name in ("quantize_qdq", "ort-int8", "ort-int8-unpruned"):
+    for name in ("quantize_qdq", "quantize_qdq-unpruned", "ort-int8", "ort-int8-unpruned"):
         manifest = load_manifest(stages[name])
         convs = graph_rules.convolutions(graph_rules.load(manifest.artifact("onnx")))
         recorded = manifest.build["int8"]
@@ -150,9 +153,10 @@ def test_every_int8_claim_is_backed_by_the_graph(quick_build):
 
 def test_every_onnx_casts_its_uint8_input_first(quick_build):
     """TensorRT allows UINT8 only as a graph input: every ONNX the build writes, and the
-    shipped one, reads `images` through a Cast."""
+    shipped ones, read `images` through a Cast."""
     out, _ = quick_build
-    files = [*out.glob("stages/*/*.onnx"), MODEL_DIR / "nanodet_g.onnx"]
+    shipped = MODEL_DIR.parent / "nanodet_g_compressed"
+    files = [*out.glob("stages/*/*.onnx"), MODEL_DIR / "nanodet_g.onnx", *shipped.glob("*/*.onnx")]
     assert len(files) >= 7
     for path in files:
         assert graph_rules.uint8_violations(graph_rules.load(path)) == [], path
@@ -186,6 +190,7 @@ def test_rerun_is_served_from_cache_and_a_changed_setting_redoes_what_depends_on
         "openvino-int8": False,
         "openvino-int8-unpruned": True,
         "quantize_qdq": False,
+        "quantize_qdq-unpruned": True,
     }
 
 

@@ -200,6 +200,7 @@ class _Run:
         sizes = counts(made) if stage.makes_student else (parent.params, parent.macs)
         ref = ModelRef(made, result.key, *sizes)
         self.models.setdefault(stage.section, ref)
+        self.models.setdefault(variant.cache, ref)  # a later stage may take one variant
         if stage.makes_student:
             self.models[STUDENT] = ref
         self.candidates.append(_candidate(variant.row, ref, stage.backend, cpu=stage.cpu))

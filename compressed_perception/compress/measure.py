@@ -195,6 +195,7 @@ def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) ->
     student = _first(measurements, STUDENT_ROWS)
     before = _first(measurements, BEFORE_DISTILLATION)
     qdq = _first(measurements, ("qdq-int8",))
+    qdq_unpruned = _first(measurements, ("qdq-int8-unpruned",))
     ov_unpruned = _first(measurements, (OPENVINO_UNPRUNED,))
     speed = _why_latency(cpu, unpruned, student, ort)
     lost = _why_accuracy(before, student, unpruned)
@@ -238,6 +239,9 @@ def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) ->
         Target(f"{name} agreement mAP@.5", _accuracy(cpu, "map50"), MIN_MAP50, ">=", lost),
         Target(f"{name} file / FP32 ONNX", _size_ratio(cpu, ort), MAX_SIZE_RATIO, "<="),
         Target("Q/DQ agreement mAP@.5", _accuracy(qdq, "map50"), MIN_MAP50, ">=", lost),
+        Target(
+            "Q/DQ (unpruned) agreement mAP@.5", _accuracy(qdq_unpruned, "map50"), MIN_MAP50, ">="
+        ),
         Target(
             "OpenVINO INT8 (unpruned) agreement mAP",
             _accuracy(ov_unpruned, "map"),

@@ -310,7 +310,10 @@ QDQ_STAGE = Stage(
     section="quantize_qdq",
     settings=QdqSettings,
     produce=_stage_producer(quantize_qdq, "quantize_qdq", "int8-qdq"),
-    variants=(Variant(STUDENT, "quantize_qdq", "qdq-int8"),),
+    variants=(
+        Variant(STUDENT, "quantize_qdq", "qdq-int8"),
+        Variant(ORIGINAL, "quantize_qdq-unpruned", "qdq-int8-unpruned"),
+    ),
     cpu=False,  # made for TensorRT; measured with ONNX Runtime where no GPU is
     revision=2,  # node patterns anchored: the first revision quantized no convolution
 )

@@ -29,6 +29,7 @@ INT8_ROWS = (
     "qdq-int8",
     "openvino-int8-unpruned",
     "ort-int8-unpruned",
+    "qdq-int8-unpruned",
 )
 FOLDERS = {
     **{row: row.replace("-", "_") for row in INT8_ROWS},

@@ -343,7 +343,10 @@ STAGE = Stage(
     section="tensorrt",
     settings=EngineSettings,
     produce=_produce,
-    variants=(Variant("quantize_qdq", "tensorrt", "tensorrt"),),
+    variants=(
+        Variant("quantize_qdq", "tensorrt", "tensorrt"),
+        Variant("quantize_qdq-unpruned", "tensorrt-unpruned", "tensorrt-unpruned"),
+    ),
     backend="tensorrt",
     cpu=False,
     uses_frames=False,
