@@ -286,25 +286,30 @@ def test_compressed_at_30hz_latest_frame_wins(dds, collect, frames):
         for _ in range(3):  # best effort: one of them may be lost on the way
             pub.publish(corrupt)
             time.sleep(0.3)
-        messages = [_jpeg("rear", 10**9 + i * 33_333_333, frames[i % 40]) for i in range(60)]
+        messages = [_jpeg("rear", 10**9 + i * 33_333_333, frames[i % 40]) for i in range(75)]
         sent = {}
         start = time.time()
         for i, msg in enumerate(messages):
-            time.sleep(max(0.0, start + i / 30 - time.time()))
+            if i < 60:  # 30 Hz, then a burst of 15 no model keeps up with, whatever its speed
+                time.sleep(max(0.0, start + i / 30 - time.time()))
             sent[("rear", msg.header.stamp.sec, msg.header.stamp.nanosec)] = time.time()
             pub.publish(msg)
         time.sleep(1.5)
         got = collector.order
+        assert got[-1] in list(sent)[-5:]  # after the burst, the newest frame is served
         assert len(got) >= 5
         assert set(got) <= set(sent)  # only real stamps come back
         assert got == sorted(got, key=lambda k: (k[1], k[2]))  # in order, newest wins
         latencies = [collector.by_stamp[k][1] - sent[k] for k in got]
         assert max(latencies) < 1.5  # bounded: never a queue of stale frames
         values, _ = collector.last_status("/rear/image/compressed")
-        # best effort over UDP may lose a frame; all but a couple of the 63 arrive
-        assert len(sent) - 2 <= int(values["received"]) <= len(sent) + 3
-        assert int(values["dropped"]) > 0
-        assert int(values["processed"]) + int(values["dropped"]) <= len(sent)
+        # best effort over UDP may lose a frame: all but a couple of the 60 at 30 Hz and the
+        # 3 corrupt ones arrive; of the burst, the reader's history of 1 keeps what it can
+        assert 60 - 2 <= int(values["received"]) <= len(sent) + 3
+        # whether the node itself drops at 30 Hz depends on the model's speed (the burst's
+        # surplus may already go in the reader's history): its counts must add up
+        counted = int(values["processed"]) + int(values["dropped"]) + int(values["malformed"])
+        assert counted <= int(values["received"])
         assert ("rear", 0, 1) not in collector.by_stamp
         assert 1 <= int(values["malformed"]) <= 3
     finally:
@@ -316,7 +321,11 @@ def test_compressed_at_30hz_latest_frame_wins(dds, collect, frames):
 def test_overload_four_cameras_at_60hz(dds, collect, frames):
     folder, domain, participant = dds
     cameras = [f"/cam{i}/image_raw" for i in range(4)]
-    node = NodeProcess(folder, domain, "overload", cameras=cameras, diagnostics_period=0.5)
+    # the FP32 original on ONNX Runtime: 240 frames/s in must be more than the node can run
+    node = NodeProcess(
+        folder, domain, "overload", cameras=cameras, diagnostics_period=0.5,
+        model="nanodet_g", backend="onnxruntime",
+    )  # fmt: skip
     try:
         collector = collect([f"/cam{i}/detections" for i in range(4)])
         collector.wait_matched()
