@@ -80,12 +80,11 @@ def default_model(backend: str = "auto") -> Path:
 
 
 def _runs(manifest: Any, backend: str) -> bool:
-    from compressed_perception.runtime.backends import choose, runnable
+    """Whether `backend` (`auto`: any) installed here can run one of the manifest's files."""
+    from compressed_perception.runtime.backends import runnable
 
-    if backend == "auto":
-        choose(manifest)  # raises where no installed backend runs it
-        return True
-    return backend in runnable(manifest)
+    kinds = runnable(manifest)
+    return bool(kinds) if backend == "auto" else backend in kinds
 
 
 def resolve_model(model: str | Path | None, backend: str = "auto") -> Path:
