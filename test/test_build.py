@@ -16,7 +16,10 @@ pytest.importorskip("nncf", reason="the build needs the build extra")
 from compressed_perception.cli import main  # noqa: E402
 from compressed_perception.compress import graph_rules  # noqa: E402
 from compressed_perception.compress.build import build  # noqa: E402
-from compressed_perception.compress.quantize_openvino import int8_convolutions  # noqa: E402
+from compressed_perception.compress.quantize_openvino import (  # noqa: E402
+    int8_convolutions,
+    quantized_decode,
+)
 from compressed_perception.compress.recipe import load_recipe  # noqa: E402
 from compressed_perception.compress.report import load_report, summary  # noqa: E402
 from compressed_perception.runtime.detector import Detector  # noqa: E402
@@ -149,6 +152,22 @@ def test_every_int8_claim_is_backed_by_the_graph(quick_build):
         assert manifest.build["int8"]["int8_convolutions"] == len(int8) == 30, name
         assert len(other) == 4
         assert manifest.build["openvino"]["inference_precision"] == "f32"
+        assert quantized_decode(manifest.artifact("openvino")) == [], name
+
+
+def test_the_decode_check_finds_a_quantized_decode(quick_build, tmp_path):
+    """NNCF left to itself quantizes the decode's MatMul; the check the stage runs sees it."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    out, _ = quick_build
+    source = load_manifest(next(out.glob("stages/prune-*/manifest.json")))
+    images = np.stack([np.full((416, 416, 3), v, np.uint8) for v in (40, 120, 200)])
+    model = ov.Core().read_model(str(source.artifact("onnx")))
+    with_decode = nncf.quantize(model, nncf.Dataset(list(images), lambda x: x[None]), subset_size=3)
+    ov.save_model(with_decode, str(tmp_path / "model.xml"))
+    assert quantized_decode(tmp_path / "model.xml") != []
 
 
 def test_every_onnx_casts_its_uint8_input_first(quick_build):
@@ -228,6 +247,9 @@ def test_ship_copies_what_the_report_measured(quick_build, tmp_path):
         load_manifest(tmp_path / "shipped" / folder).verify()
         row = next(m for m in report.measurements if m.path == entry["build_path"])
         assert row.accuracy == entry["accuracy"] and row.stage == entry["row"]
+    provenance = (tmp_path / "shipped" / "PROVENANCE.md").read_text()
+    assert "frames 0-399 of" in provenance and "the last 10 only to choose" in provenance
+    assert "agreement was measured on frames 0 to the end, every 1" in provenance
     order = json.loads(index.read_text())["artifacts"]
     assert order == shipped.default_order and order[-1] == "nanodet_g/manifest.json"
     for relative in order[:-1]:  # only artifacts that met the accuracy targets come first

@@ -238,6 +238,8 @@ def test_targets_explain_what_fell_short(monkeypatch):
     size = found["ort-int8 file / FP32 ONNX"]
     assert size.measured == 0.125 and size.met and size.explanation == ""
     assert found["build seconds (from scratch)"].met
+    gained = found["distillation's change in agreement mAP (held out)"]
+    assert gained.measured == 0.2 and gained.met
     # not measured: never a pass
     assert found["OpenVINO INT8 (unpruned) agreement mAP"].met is None
     # nothing fast enough is accurate enough: the vehicle gets the FP32 model
@@ -245,6 +247,24 @@ def test_targets_explain_what_fell_short(monkeypatch):
     points = curve(rows)
     assert [p["MACs ratio"] for p in points] == [1.0, 0.55]
     assert points[1]["map"] == 0.68 and points[0]["latency_p50"] == 105.0
+
+
+def test_distillation_that_lowers_held_out_agreement_is_reported():
+    from compressed_perception.compress.measure import targets
+
+    def found(distilled_map):
+        rows = [
+            _measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}, 4000, 2000),
+            _measurement("reconstructed", "onnxruntime", 50.0, {"map": 0.6, "map50": 0.7}),
+            _measurement("distilled", "onnxruntime", 50.0, {"map": distilled_map, "map50": 0.7}),
+        ]
+        named = {t.name: t for t in targets(rows, 1000.0, quick=False)}
+        return named["distillation's change in agreement mAP (held out)"]
+
+    assert found(0.6).met and found(0.6).explanation == ""
+    harmed = found(0.55)
+    assert harmed.measured == -0.05 and harmed.met is False
+    assert "validation slice" in harmed.explanation
 
 
 def test_the_openvino_artifact_is_the_cpu_int8_artifact_when_built():

