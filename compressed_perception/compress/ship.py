@@ -19,6 +19,7 @@ from typing import Any
 from compressed_perception.atomic import atomic_path, write_json, write_text
 from compressed_perception.compress.measure import MIN_MAP, MIN_MAP50, STUDENT_ROWS
 from compressed_perception.compress.report import FILES, Measurement, load_report
+from compressed_perception.datasets import VTEST, VTEST_PACKAGE
 from compressed_perception.errors import ModelError
 from compressed_perception.runtime.manifest import load_manifest
 
@@ -146,7 +147,9 @@ weights derive from NanoDet-g (Apache-2.0, RangiLyu) via `@vladmandic/human-mode
 def _frames(recipe: dict[str, Any]) -> str:
     """Which frames trained, chose and measured the model, from the recipe as run."""
     train, held_out = recipe["train"], recipe["evaluate"]
-    source = "Debian opencv-doc's `vtest.avi`" if train["source"] == "vtest" else train["source"]
+    source = train["source"]
+    if source == VTEST:
+        source = f"Debian {VTEST_PACKAGE}'s `vtest.avi`"
     distill = recipe.get("distill")
     chosen = (
         f" (the last {distill['validation_frames']} only to choose the distillation step)"
