@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx", reason="the build needs the build extra")
@@ -16,6 +17,7 @@ pytest.importorskip("nncf", reason="the build needs the build extra")
 from compressed_perception.cli import main  # noqa: E402
 from compressed_perception.compress import graph_rules  # noqa: E402
 from compressed_perception.compress.build import build  # noqa: E402
+from compressed_perception.compress.measure import CLASS_TABLE  # noqa: E402
 from compressed_perception.compress.quantize_openvino import (  # noqa: E402
     int8_convolutions,
     quantized_decode,
@@ -97,7 +99,12 @@ def test_report_has_every_stage_measured(quick_build):
         "Q/DQ agreement mAP@.5",
         "agreement mAP@.5 after pruning and reconstruction",
     }
-    assert set(report.tables) == {"Pruning sensitivity", "Distillation validation"}
+    assert set(report.tables) == {"Pruning sensitivity", "Distillation validation", CLASS_TABLE}
+    student = rows[("distilled", "onnxruntime")]
+    # the per-class figures are what the overall means are made of
+    for key in ("map", "map50"):
+        per_class = [c[key] for c in student.classes.values()]
+        assert np.mean(per_class) == pytest.approx(student.accuracy[key], abs=1e-3)
     text = files["md"].read_text()
     assert "## Pruning sensitivity" in text and "## Checks" in text
     assert text.startswith(summary(report)) and "## Recipe" not in summary(report)

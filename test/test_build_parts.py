@@ -249,6 +249,34 @@ def test_targets_explain_what_fell_short(monkeypatch):
     assert points[1]["map"] == 0.68 and points[0]["latency_p50"] == 105.0
 
 
+def test_classes_that_hold_the_shortfall_are_named(monkeypatch):
+    import dataclasses
+
+    from compressed_perception.compress.measure import CLASS_TABLE, class_tables, targets
+
+    def cls(boxes, near, map50):
+        return {"boxes": boxes, "near": near, "map": map50 - 0.2, "map50": map50}
+
+    student = dataclasses.replace(
+        _measurement("reconstructed", "onnxruntime", 50.0, {"map": 0.6, "map50": 0.72}),
+        classes={"person": cls(500, 40, 0.96), "car": cls(150, 3, 1.0), "bus": cls(5, 5, 0.2)},
+    )
+    rows = [_measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}), student]
+    named = {t.name: t for t in targets(rows, 1000.0, quick=False)}
+    why = named["student (FP32) agreement mAP@.5"].explanation
+    assert "mean over the reference's 3 classes, and 1 below 0.9 (bus 0.20)" in why
+    assert "hold 5 of its 655 boxes, 5 of them scored within 0.05 of its 0.35" in why
+    assert "its other 2 classes average 0.980" in why
+    table = class_tables(rows)[CLASS_TABLE]
+    assert table["columns"][1:3] == ["reference boxes", "of them < 0.4"]
+    assert table["rows"][2] == ["bus", 5, 5, "0.000 / 0.200"]
+    # every class at or above the bar: nothing to explain by class
+    good = dataclasses.replace(student, classes={"car": cls(150, 3, 1.0)})
+    named = {t.name: t for t in targets([rows[0], good], 1000.0, quick=False)}
+    assert "classes" not in named["student (FP32) agreement mAP@.5"].explanation
+    assert class_tables(rows[:1]) == {}
+
+
 def test_distillation_that_lowers_held_out_agreement_is_reported():
     from compressed_perception.compress.measure import targets
 

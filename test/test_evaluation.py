@@ -100,6 +100,22 @@ def test_wrong_class_scores_zero_for_that_class():
     assert result.map == pytest.approx(0.5)
 
 
+def test_per_class_at_50_weighs_each_class_alike():
+    # one car box of five is shifted to IoU 0.6: it counts at .5, not at .75 and above
+    truth = _dets(
+        [[0, 0, 100, 100], *([[200 + 60 * i, 0, 250 + 60 * i, 50] for i in range(4)])],
+        [CAR, *[PERSON] * 4],
+    )
+    predicted = _dets(
+        [[0, 0, 100, 100], *([[200 + 60 * i, 0, 250 + 60 * i, 50] for i in range(4)])],
+        [BICYCLE, *[PERSON] * 4],
+    )
+    result = _evaluate([(truth, predicted)])
+    assert result.per_class50 == pytest.approx({"person": 1.0, "car": 0.0})
+    # four person boxes of five are right, yet the class mean is 0.5
+    assert result.map50 == pytest.approx(0.5)
+
+
 def test_half_the_boxes_predicted_gives_51_of_101():
     truth = [_dets([[10 + 100 * i, 10, 90 + 100 * i, 200]], [PERSON]) for i in range(4)]
     predictions = [truth[0], truth[1], Detections.empty(), Detections.empty()]
@@ -150,6 +166,7 @@ def test_to_dict_is_json_ready():
         "map50",
         "map75",
         "per_class",
+        "per_class50",
         "ground_truth_boxes",
         "predicted_boxes",
         "frames",

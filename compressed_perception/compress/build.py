@@ -24,6 +24,7 @@ from compressed_perception.compress.cache import StageCache, StageResult, stage_
 from compressed_perception.compress.measure import (
     Candidate,
     best_cpu_artifact,
+    class_tables,
     curve,
     load_labelled,
     measure,
@@ -144,7 +145,7 @@ def build(
         stages={name: _stage_info(result) for name, result in run.results.items()},
         skipped=run.skipped,
         curves={"CPU INT8 by MACs": points} if (points := curve(measurements)) else {},
-        tables=run.tables,
+        tables={**run.tables, **class_tables(measurements)},
         checks=run.checks,
     )
     files = write_report(report, out)

@@ -20,7 +20,13 @@ from compressed_perception.benchmark import interleave, isa_flags
 from compressed_perception.compress.recipe import BenchSettings, LabelSettings
 from compressed_perception.compress.report import Measurement, Target
 from compressed_perception.datasets import DatasetError
-from compressed_perception.evaluation.coco import CocoEvaluator, agreement, load_coco_ground_truth
+from compressed_perception.evaluation.coco import (
+    REFERENCE_THRESHOLD,
+    CocoEvaluator,
+    MapResult,
+    agreement,
+    load_coco_ground_truth,
+)
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.manifest import Manifest, load_manifest
@@ -47,6 +53,10 @@ OPENVINO_MIN = (0.90, 0.95)
 OPENVINO_LATENCY = 0.40
 OPENVINO_FP32_MIN = (0.97, 0.99)
 BUILD_SECONDS = 1800
+# a reference box scoring less than this above the threshold is one a small score change
+# turns into no label at all, and a candidate's match to it into a false positive
+NEAR_THRESHOLD = 0.05
+CLASS_TABLE = "agreement per class"
 QUICK_BUILD_SECONDS = 180
 
 
@@ -86,13 +96,16 @@ def measure(
     detectors = [Detector(m, b, config) for m, b in zip(manifests, backends, strict=True)]
     sizes = [(f.shape[1], f.shape[0]) for f in frames]
     expected = _detect_all(detectors[0], frames, "reference", progress)
+    boxes = _reference_boxes(expected, reference.classes)
     accuracy: dict[int, dict[str, float]] = {}
+    classes: dict[int, dict[str, dict[str, float]]] = {}
     for index, (candidate, detector) in enumerate(zip(rows, detectors, strict=True)):
         if candidate.backend == "torch":
             continue  # the same FP32 weights as the reference: nothing to learn, 10x the time
         found = _detect_all(detector, frames, f"{candidate.stage} {candidate.backend}", progress)
         result = agreement(expected, found, sizes, reference.classes)
         accuracy[index] = {"map": round(result.map, 4), "map50": round(result.map50, 4)}
+        classes[index] = _per_class(result, boxes)
         if labelled:
             accuracy[index].update(_labelled_map(detector, labelled, reference.classes))
     # latency at the runtime's own score threshold: a low one would time NMS, not the model
@@ -109,6 +122,7 @@ def measure(
             accuracy=accuracy.get(index),
             path=str(_relative(candidate.manifest, out)),
             cpu=candidate.cpu,
+            classes=classes.get(index),
         )
         for index, (candidate, manifest, timing) in enumerate(
             zip(rows, manifests, timings, strict=True)
@@ -156,6 +170,33 @@ def _detect_all(
     return [detector.detect(frame, f"held-out frame {i}").detections for i, frame in enumerate(bar)]
 
 
+def _reference_boxes(
+    expected: Sequence[Detections], names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Per class, the reference's boxes that count as labels, and those just above the bar."""
+    found: dict[str, dict[str, float]] = {}
+    for detections in expected:
+        for class_id, score in zip(detections.class_ids, detections.scores, strict=True):
+            if score >= REFERENCE_THRESHOLD:
+                counts = found.setdefault(names[int(class_id)], {"boxes": 0, "near": 0})
+                counts["boxes"] += 1
+                counts["near"] += int(score < REFERENCE_THRESHOLD + NEAR_THRESHOLD)
+    return found
+
+
+def _per_class(
+    result: MapResult, boxes: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            **boxes[name],
+            "map": round(result.per_class[name], 4),
+            "map50": round(result.per_class50[name], 4),
+        }
+        for name in sorted(result.per_class, key=lambda n: -boxes[n]["boxes"])
+    }
+
+
 def _size(manifest: Manifest) -> int:
     """Bytes of what the row's backend loads (the engine, the IR with its weights, the ONNX)."""
     kind = next(k for k in ("tensorrt", "openvino", "onnx", "torch") if k in manifest.artifacts)
@@ -201,7 +242,7 @@ def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) ->
     qdq_unpruned = _first(measurements, ("qdq-int8-unpruned",))
     ov_unpruned = _first(measurements, (OPENVINO_UNPRUNED,))
     speed = _why_latency(cpu, unpruned, student, ort)
-    lost = _why_accuracy(before, student, unpruned)
+    lost = "; ".join(p for p in (_why_accuracy(before, student, unpruned), _weak(student)) if p)
     name = cpu.stage if cpu else "CPU INT8"
     found = [
         Target("student MACs / original", _macs_ratio(student, ort), MAX_MACS, "<="),
@@ -329,6 +370,75 @@ def _why_accuracy(
         ("the FP32 student reaches {:.3f}", _accuracy(student, "map")),
         ("INT8 without pruning reaches {:.3f}", _accuracy(unpruned, "map")),
     )
+
+
+def _weak(student: Measurement | None) -> str:
+    """Which classes hold the FP32 student's shortfall: the means weigh classes alike."""
+    classes = student.classes if student else None
+    weak = {k: v for k, v in (classes or {}).items() if v["map50"] < MIN_MAP50}
+    if not classes or not weak:
+        return ""
+    named = ", ".join(f"{k} {v['map50']:.2f}" for k, v in sorted(weak.items(), key=_map50))
+    rest = [v["map50"] for k, v in classes.items() if k not in weak]
+    text = (
+        f"the student's mAP@.5 is a mean over the reference's {len(classes)} classes, and "
+        f"{len(weak)} below {MIN_MAP50} ({named}) hold {_total(weak, 'boxes')} of its "
+        f"{_total(classes, 'boxes')} boxes, {_total(weak, 'near')} of them scored within "
+        f"{NEAR_THRESHOLD} of its {REFERENCE_THRESHOLD} threshold"
+    )
+    if rest:
+        text += f"; its other {len(rest)} classes average {np.mean(rest):.3f}"
+    return text
+
+
+def _map50(item: tuple[str, dict[str, float]]) -> float:
+    return item[1]["map50"]
+
+
+def _total(classes: dict[str, dict[str, float]], key: str) -> int:
+    return int(sum(v[key] for v in classes.values()))
+
+
+def class_tables(measurements: Sequence[Measurement]) -> dict[str, dict[str, object]]:
+    """Agreement per class of the FP32 student and its CPU INT8 artifacts, for the report."""
+    rows = [
+        row
+        for row in (
+            _first(measurements, STUDENT_ROWS),
+            _first(measurements, CPU_INT8_ROWS),
+            _first(measurements, tuple(f"{r}-unpruned" for r in CPU_INT8_ROWS)),
+        )
+        if row is not None and row.classes
+    ]
+    if not rows:
+        return {}
+    names = list(rows[0].classes or {})
+    columns = [
+        "class",
+        "reference boxes",
+        f"of them < {REFERENCE_THRESHOLD + NEAR_THRESHOLD:g}",
+        *(f"{row.stage} ({row.backend}) mAP / mAP@.5" for row in rows),
+    ]
+    table = [
+        [
+            name,
+            int((rows[0].classes or {})[name]["boxes"]),
+            int((rows[0].classes or {})[name]["near"]),
+            *(_pair((row.classes or {}).get(name)) for row in rows),
+        ]
+        for name in names
+    ]
+    note = (
+        f"mAP and mAP@.5 are means over these classes, each weighing alike however few boxes "
+        f"it has. A reference box scoring just above its {REFERENCE_THRESHOLD} threshold is "
+        "a label a small score change removes, turning a candidate's match into a false "
+        "positive."
+    )
+    return {CLASS_TABLE: {"columns": columns, "rows": table, "note": note}}
+
+
+def _pair(values: dict[str, float] | None) -> str:
+    return "n/a" if values is None else f"{values['map']:.3f} / {values['map50']:.3f}"
 
 
 def _isa_note() -> str:

@@ -42,6 +42,9 @@ class Measurement:
     accuracy: dict[str, float] | None  # agreement with the FP32 reference: map, map50
     path: str  # artifact path relative to the output folder
     cpu: bool = True  # a CPU artifact, eligible for best.json
+    # per class of the reference: its boxes, how many score just above its threshold, and
+    # this row's map and map50 on that class alone
+    classes: dict[str, dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from compressed_perception.errors import ConfigError
 from compressed_perception.runtime.postprocess import Detections
 
 FrameId = str | int
+# a reference detection at or above this score stands in for a label in agreement
+REFERENCE_THRESHOLD = 0.35
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,16 @@ class MapResult:
     """COCO bbox metrics over every frame evaluated.
 
     map, map50 and map75 are NaN when there is no ground-truth box at all: mAP is then
-    undefined, and NaN keeps it from passing for a score. per_class holds AP@[.5:.95] for
-    each class name that has at least one ground-truth box.
+    undefined, and NaN keeps it from passing for a score. per_class holds AP@[.5:.95] and
+    per_class50 AP@.5 for each class name that has at least one ground-truth box: the means
+    weigh every such class alike, however few boxes it has.
     """
 
     map: float  # AP averaged over IoU .50:.05:.95
     map50: float
     map75: float
     per_class: dict[str, float]
+    per_class50: dict[str, float]
     ground_truth_boxes: int
     predicted_boxes: int
     frames: int
@@ -92,17 +96,16 @@ class CocoEvaluator:
         """Runs COCOeval (bbox, default parameters) over every frame added so far."""
         if not self._ground_truth:
             nan = float("nan")
-            return self._summary(nan, nan, nan, {})
+            return self._summary(nan, nan, nan, {}, {})
         precision, params = self._evaluate()
-        per_class = {
-            self._class_names[k]: _mean_ap(precision[:, :, k])
-            for k in sorted({a["category_id"] - 1 for a in self._ground_truth})
-        }
+        at50 = precision[_iou_index(params, 0.5)]
+        present = sorted({a["category_id"] - 1 for a in self._ground_truth})
         return self._summary(
             _mean_ap(precision),
-            _mean_ap(precision[_iou_index(params, 0.5)]),
+            _mean_ap(at50),
             _mean_ap(precision[_iou_index(params, 0.75)]),
-            per_class,
+            {self._class_names[k]: _mean_ap(precision[:, :, k]) for k in present},
+            {self._class_names[k]: _mean_ap(at50[:, k]) for k in present},
         )
 
     def _check_frame(self, frame_id: FrameId, width: int, height: int) -> None:
@@ -130,13 +133,19 @@ class CocoEvaluator:
         return evaluator.eval["precision"][:, :, :, area_all, max_dets], params
 
     def _summary(
-        self, map_: float, map50: float, map75: float, per_class: dict[str, float]
+        self,
+        map_: float,
+        map50: float,
+        map75: float,
+        per_class: dict[str, float],
+        per_class50: dict[str, float],
     ) -> MapResult:
         return MapResult(
             map=map_,
             map50=map50,
             map75=map75,
             per_class=per_class,
+            per_class50=per_class50,
             ground_truth_boxes=len(self._ground_truth),
             predicted_boxes=len(self._predictions),
             frames=len(self._images),
@@ -148,7 +157,7 @@ def agreement(
     candidate: Sequence[Detections],
     sizes: Sequence[tuple[int, int]],
     class_names: Sequence[str],
-    reference_threshold: float = 0.35,
+    reference_threshold: float = REFERENCE_THRESHOLD,
     candidate_threshold: float = 0.05,
 ) -> MapResult:
     """mAP of `candidate` against `reference` where no labels exist.
