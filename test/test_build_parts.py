@@ -249,7 +249,7 @@ def test_targets_explain_what_fell_short(monkeypatch):
     assert points[1]["map"] == 0.68 and points[0]["latency_p50"] == 105.0
 
 
-def test_classes_that_hold_the_shortfall_are_named(monkeypatch):
+def test_classes_that_hold_the_shortfall_are_named():
     import dataclasses
 
     from compressed_perception.compress.measure import CLASS_TABLE, class_tables, targets

@@ -101,15 +101,10 @@ def test_wrong_class_scores_zero_for_that_class():
 
 
 def test_per_class_at_50_weighs_each_class_alike():
-    # one car box of five is shifted to IoU 0.6: it counts at .5, not at .75 and above
-    truth = _dets(
-        [[0, 0, 100, 100], *([[200 + 60 * i, 0, 250 + 60 * i, 50] for i in range(4)])],
-        [CAR, *[PERSON] * 4],
-    )
-    predicted = _dets(
-        [[0, 0, 100, 100], *([[200 + 60 * i, 0, 250 + 60 * i, 50] for i in range(4)])],
-        [BICYCLE, *[PERSON] * 4],
-    )
+    # the same five boxes; the one car among them is predicted as a bicycle
+    boxes = [[0, 0, 100, 100], *([[200 + 60 * i, 0, 250 + 60 * i, 50] for i in range(4)])]
+    truth = _dets(boxes, [CAR, *[PERSON] * 4])
+    predicted = _dets(boxes, [BICYCLE, *[PERSON] * 4])
     result = _evaluate([(truth, predicted)])
     assert result.per_class50 == pytest.approx({"person": 1.0, "car": 0.0})
     # four person boxes of five are right, yet the class mean is 0.5

@@ -375,8 +375,10 @@ def _why_accuracy(
 def _weak(student: Measurement | None) -> str:
     """Which classes hold the FP32 student's shortfall: the means weigh classes alike."""
     classes = student.classes if student else None
-    weak = {k: v for k, v in (classes or {}).items() if v["map50"] < MIN_MAP50}
-    if not classes or not weak:
+    if not classes:
+        return ""
+    weak = {k: v for k, v in classes.items() if v["map50"] < MIN_MAP50}
+    if not weak:
         return ""
     named = ", ".join(f"{k} {v['map50']:.2f}" for k, v in sorted(weak.items(), key=_map50))
     rest = [v["map50"] for k, v in classes.items() if k not in weak]
@@ -412,7 +414,7 @@ def class_tables(measurements: Sequence[Measurement]) -> dict[str, dict[str, obj
     ]
     if not rows:
         return {}
-    names = list(rows[0].classes or {})
+    reference = rows[0].classes or {}  # every row counts the same reference boxes
     columns = [
         "class",
         "reference boxes",
@@ -422,11 +424,11 @@ def class_tables(measurements: Sequence[Measurement]) -> dict[str, dict[str, obj
     table = [
         [
             name,
-            int((rows[0].classes or {})[name]["boxes"]),
-            int((rows[0].classes or {})[name]["near"]),
+            int(counts["boxes"]),
+            int(counts["near"]),
             *(_pair((row.classes or {}).get(name)) for row in rows),
         ]
-        for name in names
+        for name, counts in reference.items()
     ]
     note = (
         f"mAP and mAP@.5 are means over these classes, each weighing alike however few boxes "
