@@ -197,3 +197,46 @@ def test_frames_are_normalised_as_the_deployed_model_does(calibration):
     image = torch.from_numpy(np.ascontiguousarray(calibration[0]))[None]
     expected = (image.float().permute(0, 3, 1, 2) - deploy.mean) * deploy.inv_std
     torch.testing.assert_close(batch, expected)
+
+
+class _LinearCosts:
+    """MACs as a fixed price per channel kept in each group, on top of a fixed rest."""
+
+    def __init__(self, prices: dict[str, float], sizes: dict[str, int]) -> None:
+        self.prices, self.sizes = prices, sizes
+
+    def macs(self, removed: dict[str, int]) -> float:
+        kept = {g: size - removed.get(g, 0) for g, size in self.sizes.items()}
+        return 100.0 + sum(self.prices[g] * kept[g] for g in kept)
+
+
+def _groups(sizes):
+    return [prune_module.Group(root, size, [root], {}) for root, size in sizes.items()]
+
+
+def test_filling_spends_the_leftover_budget_where_the_scan_found_most_harm():
+    sizes = {"steep": 64, "flat": 64, "dear": 64}
+    # "dear" loses most per channel but costs 10x as many MACs per channel
+    prices = {"steep": 1.0, "flat": 1.0, "dear": 10.0}
+    sensitivity = {
+        "steep": {"0.5": 0.4},
+        "flat": {"0.5": 0.01},
+        "dear": {"0.5": 0.8},
+    }
+    costs = _LinearCosts(prices, sizes)
+    uniform = dict.fromkeys(sizes, 32)
+    budget_macs = costs.macs(uniform) + 20.0  # room for 16 cheap channels, no 8 dear ones
+    filled = prune_module._fill(
+        _groups(sizes), costs, sensitivity, uniform, budget_macs / costs.macs({})
+    )
+    assert costs.macs(filled) <= budget_macs
+    assert filled == {"steep": 16, "flat": 32, "dear": 32}
+
+
+def test_filling_a_budget_the_uniform_share_spends_changes_nothing():
+    sizes = {"a": 64, "b": 32}
+    costs = _LinearCosts({"a": 1.0, "b": 1.0}, sizes)
+    uniform = {"a": 32, "b": 16}
+    sensitivity = {"a": {"0.5": 0.3}, "b": {"0.5": 0.2}}
+    exact = costs.macs(uniform) / costs.macs({})
+    assert prune_module._fill(_groups(sizes), costs, sensitivity, uniform, exact) == uniform

@@ -564,7 +564,7 @@ def test_build_and_compare_dynamic_batch_engine_with_onnxruntime(tmp_path, sourc
 def test_build_and_compare_shipped_qdq_engine_with_onnxruntime(tmp_path, source):
     """The INT8 engine built from the shipped Q/DQ ONNX of the unpruned model sees what the
     FP32 model sees on the held-out frames, as ONNX Runtime measured that ONNX in the build
-    (agreement mAP@.5 0.979 there; >= 0.90 required here)."""
+    (agreement mAP@.5 0.935 there, on 395 frames; >= 0.90 required here)."""
     _needs_tensorrt_and_gpu()
     from compressed_perception.evaluation.coco import agreement
     from compressed_perception.runtime.postprocess import PostprocessConfig

@@ -52,7 +52,7 @@ from compressed_perception.errors import ConfigError
 from compressed_perception.models.nanodet import NanoDet
 
 IMPORTANCE = ("reconstruction", "magnitude")
-ALLOCATION = ("sensitivity", "uniform")
+ALLOCATION = ("sensitivity", "uniform", "filled")
 ROUND_TO = 8  # channel counts that vector units and INT8 kernels like
 SEEN = 0.35  # a score the runtime reports: an output level producing one is in use
 RIDGE = 1e-3  # regularisation of a local refit, relative to the mean input variance
@@ -63,7 +63,10 @@ BATCH = 4
 class PruneSettings:
     macs: float = 0.6  # budget: the pruned model's MACs as a share of the original's
     importance: str = "reconstruction"  # or magnitude (weight L2 norm), for comparison
-    allocation: str = "uniform"  # one share for all groups, or per group from the scan
+    # uniform: one share for all groups; filled: that share, then what its rounding left
+    # under the budget given back where the scan found most harm; sensitivity: per group
+    # from the scan alone
+    allocation: str = "filled"
     scan_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # shares each group is scanned at
     max_ratio: float = 0.75  # most of any group's channels that may go
     calibration_frames: int = 32  # training frames for importance and the scan
@@ -171,10 +174,12 @@ def prune(
     ranking = {g.root: _ranking(model, g, stats, settings.importance) for g in groups}
     # scanned either way: the report shows where the model is fragile, whichever allocates
     sensitivity = scan(model, groups, ranking, stats, batches, settings.scan_ratios)
-    if settings.allocation == "uniform":
-        removed = _uniform(groups, costs, settings)
-    else:
+    if settings.allocation == "sensitivity":
         removed = _allocate(groups, costs, sensitivity, settings)
+    else:
+        removed = _uniform(groups, costs, settings)
+        if settings.allocation == "filled":
+            removed = _fill(groups, costs, sensitivity, removed, settings.macs)
     plan = {g.root: ranking[g.root][: removed[g.root]] for g in groups}
     model.cpu()
     stats = stats.to("cpu")
@@ -554,6 +559,38 @@ def _allocate(
         removed[best] += min(ROUND_TO, limits[best] - removed[best])
         current = costs.macs(removed)
     return removed
+
+
+def _fill(
+    groups: Sequence[Group],
+    costs: _MacsModel,
+    sensitivity: dict[str, dict[str, float]],
+    removed: dict[str, int],
+    macs: float,
+) -> dict[str, int]:
+    """Greedy, the other way round: give back the ROUND_TO-channel step that buys the most
+    discrepancy per MAC spent, interpolating each group's scanned curve, while the budget
+    still holds it."""
+    budget = macs * costs.macs({})
+    removed = dict(removed)
+    curves = {g.root: _curve(g.size, sensitivity[g.root]) for g in groups}
+    current = costs.macs(removed)
+    while True:
+        best, best_gain, best_macs = None, 0.0, current
+        for group in groups:
+            count = removed[group.root]
+            trial = {**removed, group.root: count - min(ROUND_TO, count)}
+            spent = costs.macs(trial) - current
+            if count == 0 or current + spent > budget:
+                continue
+            curve = curves[group.root]
+            gain = (curve(count) - curve(trial[group.root])) / max(spent, 1e-9)
+            if gain > best_gain:
+                best, best_gain, best_macs = group.root, gain, current + spent
+        if best is None:
+            return removed
+        removed[best] -= min(ROUND_TO, removed[best])
+        current = best_macs
 
 
 def _curve(size: int, row: dict[str, float]) -> Callable[[int], float]:
