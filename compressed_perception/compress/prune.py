@@ -572,25 +572,25 @@ def _fill(
     discrepancy per MAC spent, interpolating each group's scanned curve, while the budget
     still holds it."""
     budget = macs * costs.macs({})
-    removed = dict(removed)
     curves = {g.root: _curve(g.size, sensitivity[g.root]) for g in groups}
     current = costs.macs(removed)
     while True:
-        best, best_gain, best_macs = None, 0.0, current
+        best, best_gain, best_macs = removed, 0.0, current
         for group in groups:
             count = removed[group.root]
+            if count == 0:
+                continue
             trial = {**removed, group.root: count - min(ROUND_TO, count)}
-            spent = costs.macs(trial) - current
-            if count == 0 or current + spent > budget:
+            trial_macs = costs.macs(trial)
+            if trial_macs > budget:
                 continue
             curve = curves[group.root]
-            gain = (curve(count) - curve(trial[group.root])) / max(spent, 1e-9)
+            gain = (curve(count) - curve(trial[group.root])) / max(trial_macs - current, 1e-9)
             if gain > best_gain:
-                best, best_gain, best_macs = group.root, gain, current + spent
-        if best is None:
+                best, best_gain, best_macs = trial, gain, trial_macs
+        if best is removed:
             return removed
-        removed[best] -= min(ROUND_TO, removed[best])
-        current = best_macs
+        removed, current = best, best_macs
 
 
 def _curve(size: int, row: dict[str, float]) -> Callable[[int], float]:
