@@ -79,7 +79,7 @@ def test_head_outputs_and_contract_are_kept(pruned):
         assert pred.out_channels == 80 + 4 * 11
     found = _convs(model)
     assert found["backbone.stem.conv"][0] == 3  # the image keeps its 3 channels
-    assert all(out % 8 == 0 for name, (_, out) in found.items() if "preds" not in name)
+    assert all(out % 16 == 0 for name, (_, out) in found.items() if "preds" not in name)
     with torch.no_grad():
         boxes, scores = DeployModel(model)(torch.zeros(1, 416, 416, 3, dtype=torch.uint8))
     assert boxes.shape == (1, 3549, 4)
@@ -176,6 +176,7 @@ def test_a_budget_no_allocation_meets_is_refused(calibration):
         ({"allocation": "global"}, "prune allocation: 'global' is not one of"),
         ({"scan_ratios": (0.9,)}, r"prune scan_ratios: \[0.9\] must be in"),
         ({"calibration_frames": 2}, "prune calibration_frames: 2 is too few"),
+        ({"round_to": 12}, r"prune round_to: 12 is not one of \(1, 2, 4, 8, 16, 32\)"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -226,9 +227,8 @@ def test_filling_spends_the_leftover_budget_where_the_scan_found_most_harm():
     costs = _LinearCosts(prices, sizes)
     uniform = dict.fromkeys(sizes, 32)
     budget_macs = costs.macs(uniform) + 20.0  # room for 16 cheap channels, no 8 dear ones
-    filled = prune_module._fill(
-        _groups(sizes), costs, sensitivity, uniform, budget_macs / costs.macs({})
-    )
+    settings = PruneSettings(macs=budget_macs / costs.macs({}), round_to=8)
+    filled = prune_module._fill(_groups(sizes), costs, sensitivity, uniform, settings)
     assert costs.macs(filled) <= budget_macs
     assert filled == {"steep": 16, "flat": 32, "dear": 32}
 
@@ -238,5 +238,17 @@ def test_filling_a_budget_the_uniform_share_spends_changes_nothing():
     costs = _LinearCosts({"a": 1.0, "b": 1.0}, sizes)
     uniform = {"a": 32, "b": 16}
     sensitivity = {"a": {"0.5": 0.3}, "b": {"0.5": 0.2}}
-    exact = costs.macs(uniform) / costs.macs({})
+    exact = PruneSettings(macs=costs.macs(uniform) / costs.macs({}), round_to=8)
     assert prune_module._fill(_groups(sizes), costs, sensitivity, uniform, exact) == uniform
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_allocation_steps_keep_channel_counts_rounded(round_to):
+    sizes = {"a": 96, "b": 64, "c": 48}
+    costs = _LinearCosts({"a": 1.0, "b": 2.0, "c": 4.0}, sizes)
+    sensitivity = {"a": {"0.5": 0.1}, "b": {"0.5": 0.2}, "c": {"0.5": 0.3}}
+    settings = PruneSettings(macs=0.6, round_to=round_to, allocation="sensitivity")
+    removed = prune_module._allocate(_groups(sizes), costs, sensitivity, settings)
+    assert costs.macs(removed) <= 0.6 * costs.macs({})
+    assert all((sizes[g] - count) % round_to == 0 for g, count in removed.items())
+    assert any(removed.values())
