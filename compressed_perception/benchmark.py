@@ -34,14 +34,15 @@ class BenchResult:
     iterations: int
     stats: dict[str, dict[str, float]]  # stage -> {"p50": ms, "p90": ms, "p99": ms}
     model: str = ""  # the manifest's model name
+    folder: str = ""  # the manifest's folder: two builds may give a model the same name
 
     @property
     def label(self) -> str:
         return f"{self.model} {self.backend}".strip()
 
-    def row(self, width: int) -> str:
+    def row(self, label: str, width: int) -> str:
         cells = [f"{self.stats[s]['p50']:8.2f} {self.stats[s]['p99']:8.2f}" for s in STAGES]
-        return f"{self.label:<{width}} {self.width:>4}x{self.height:<5} " + " ".join(cells)
+        return f"{label:<{width}} {self.width:>4}x{self.height:<5} " + " ".join(cells)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -108,6 +109,7 @@ def interleave(
             iterations,
             {s: percentiles([getattr(r.latency_ms, s) for r in results]) for s in STAGES},
             detector.manifest.name,
+            str(detector.manifest.folder),
         )
         for (detector, size), results in zip(rows, samples, strict=True)
     ]
@@ -149,15 +151,28 @@ def machine() -> dict[str, Any]:
 
 def table(results: Sequence[BenchResult]) -> str:
     """Rows, then each row's total p50 as a ratio of the first row's at the same size."""
-    width = max(len("model backend"), *(len(r.label) for r in results))
+    labels = _labels(results)
+    width = max(len("model backend"), *(len(label) for label in labels))
     stages = " ".join(f"{s + ' p50/p99 ms':>17}" for s in STAGES)
     lines = [f"{'model backend':<{width}} {'size':<10} {stages}"]
-    lines += [r.row(width) for r in results]
-    first = results[0].label
-    base = {(r.width, r.height): r for r in results if r.label == first}
-    for r in results:
-        ref = base.get((r.width, r.height))
+    lines += [r.row(label, width) for r, label in zip(results, labels, strict=True)]
+    base = {
+        (r.width, r.height): (r, label)
+        for r, label in zip(results, labels, strict=True)
+        if label == labels[0]
+    }
+    for r, label in zip(results, labels, strict=True):
+        ref, ref_label = base.get((r.width, r.height), (None, ""))
         if ref is not None and r is not ref:
             ratio = r.stats["total"]["p50"] / ref.stats["total"]["p50"]
-            lines.append(f"ratio {r.label} / {ref.label} at {r.width}x{r.height}: {ratio:.2f}")
+            lines.append(f"ratio {label} / {ref_label} at {r.width}x{r.height}: {ratio:.2f}")
     return "\n".join(lines)
+
+
+def _labels(results: Sequence[BenchResult]) -> list[str]:
+    """Each row's model and backend, with its folder where models from two folders share
+    a name (two builds of one recipe do): otherwise their rows could not be told apart."""
+    folders: dict[str, set[str]] = {}
+    for r in results:
+        folders.setdefault(r.label, set()).add(r.folder)
+    return [f"{r.label} ({r.folder})" if len(folders[r.label]) > 1 else r.label for r in results]

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from compressed_perception.benchmark import STAGES, BenchResult, table
 from compressed_perception.cli import main
 from compressed_perception.resources import resolve_model
 from compressed_perception.runtime.backends import runnable
@@ -172,6 +173,23 @@ def test_bench_reports_stages(tmp_path, capsys):
         stats = result["stats"][stage]
         assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"]
     assert "onnxruntime" in stdout
+
+
+def test_bench_tells_apart_two_builds_of_one_model():
+    """Two builds of one recipe name their models alike: each row says its folder, and
+    ratios are to the first row, not to the last row bearing its name."""
+
+    def result(folder, total, backend="openvino"):
+        stats = {stage: dict.fromkeys(("p50", "p90", "p99"), total) for stage in STAGES}
+        return BenchResult(backend, 640, 480, 10, stats, "student", folder)
+
+    text = table([result("/a", 10.0), result("/b", 5.0), result("/c", 20.0)])
+    assert "student openvino (/a)  640x480" in text
+    assert "student openvino (/b)  640x480" in text
+    assert "ratio student openvino (/b) / student openvino (/a) at 640x480: 0.50" in text
+    assert "ratio student openvino (/c) / student openvino (/a) at 640x480: 2.00" in text
+    one_build = table([result("/a", 10.0), result("/a", 30.0, "torch")])
+    assert "ratio student torch / student openvino at 640x480: 3.00" in one_build
 
 
 def test_bench_rejects_bad_size(capsys):
