@@ -75,7 +75,7 @@ class PruneSettings:
     # calibration frames: its loss there could not be seen, so it is not spent
     protect_unseen_levels: bool = True
     # every pruned group keeps a multiple of this many channels: CPU INT8 kernels block
-    # channels by 16 (VNNI) and 8 (AVX2); at equal MACs, 16 ran ~6 % faster than 8 (docs)
+    # channels by 16 (VNNI) and 8 (AVX2); at equal MACs, 16 ran 4-7 % faster than 8 (docs)
     round_to: int = 16
 
     def __post_init__(self) -> None:
