@@ -23,9 +23,12 @@ def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def with_ones(rows: torch.Tensor) -> torch.Tensor:
-    """Rows in float64 with the bias's column of ones appended."""
-    ones = torch.ones(len(rows), 1, dtype=torch.float64, device=rows.device)
-    return torch.cat((rows.double(), ones), dim=1)
+    """Rows in float64 with the bias's column of ones appended (one pass, no concatenation:
+    these are the largest tensors least squares makes)."""
+    out = torch.empty(len(rows), rows.shape[1] + 1, dtype=torch.float64, device=rows.device)
+    out[:, :-1] = rows
+    out[:, -1] = 1.0
+    return out
 
 
 def gram(conv: nn.Conv2d, x: torch.Tensor, rows: int = GRAM_ROWS) -> torch.Tensor:
