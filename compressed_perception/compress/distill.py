@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # that noise and far below a pruned student's real gradients (median 4e-4).
 ADAM_EPS = 1e-6
 OPTIMIZERS = ("adamw", "sgd")
+# ONEDNN_MAX_CPU_ISA values below oneDNN's first ISA with bf16 arithmetic (AVX512_CORE_BF16)
+_BELOW_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,12 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def _cpu_has_bf16() -> bool:
+    """The CPU lists bf16 units and nothing caps torch or oneDNN below them: a capped CPU
+    still lists its flags, and bf16 autocast then ran 8.7x slower than fp32 (docs)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _BELOW_BF16:
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
