@@ -3,8 +3,6 @@ the step kept is the one that agrees best with the teacher on held-aside frames.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch", reason="distillation needs the build extra (torch)")
@@ -114,26 +112,22 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert distill_module.resolve_precision("fp32", "cpu") == "fp32"
 
 
-def _lists_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @pytest.mark.parametrize(
-    ("isa", "capability", "expected"),
+    ("isa", "capability", "lists", "expected"),
     [
-        ("AVX2", "AVX512", False),  # oneDNN capped: bf16 would be emulated, 8.7x slower
-        ("avx512_core_vnni", "AVX512", False),
-        (None, "AVX2", False),  # ATen capped (ATEN_CPU_CAPABILITY=avx2)
-        ("AVX512_CORE_BF16", "AVX512", None),  # None: whatever the CPU lists
-        (None, "AVX512", None),
+        ("AVX2", "AVX512", True, False),  # oneDNN capped: bf16 would be emulated, 8.7x slower
+        ("avx512_core_vnni", "AVX512", True, False),
+        (None, "AVX2", True, False),  # ATen capped (ATEN_CPU_CAPABILITY=avx2)
+        ("AVX512_CORE_BF16", "AVX512", True, True),
+        (None, "AVX512", True, True),
+        (None, "AVX512", False, False),  # no bf16 units
     ],
 )
-def test_bf16_needs_the_units_and_no_isa_cap(monkeypatch, isa, capability, expected):
+def test_bf16_needs_the_units_and_no_isa_cap(monkeypatch, isa, capability, lists, expected):
     if isa is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    wanted = _lists_bf16() if expected is None else expected
-    assert distill_module._cpu_has_bf16() is wanted
+    monkeypatch.setattr(distill_module, "_cpu_lists_bf16", lambda: lists)
+    assert distill_module._cpu_has_bf16() is expected

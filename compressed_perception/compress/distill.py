@@ -210,6 +210,10 @@ def _cpu_has_bf16() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return False
+    return _cpu_lists_bf16()
+
+
+def _cpu_lists_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
