@@ -249,6 +249,24 @@ def test_targets_explain_what_fell_short(monkeypatch):
     assert points[1]["map"] == 0.68 and points[0]["latency_p50"] == 105.0
 
 
+def test_a_slow_build_says_where_its_time_went(monkeypatch):
+    from compressed_perception.compress import measure as measure_module
+    from compressed_perception.compress.measure import targets
+
+    monkeypatch.setattr(measure_module, "isa_flags", lambda: ["avx2", "fma"])
+    rows = [_measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0})]
+    spent = {"prune": 210.5, "reconstruct": 572.4, "distill (fp32)": 710.7, "measuring": 565.0}
+    slow = {t.name: t for t in targets(rows, 2228.0, quick=False, spent=spent)}
+    build = slow["build seconds (from scratch)"]
+    assert build.met is False
+    assert build.explanation == (
+        "of 2228 s, distill (fp32) 711 s, reconstruct 572 s, measuring 565 s; "
+        "this CPU's vector ISA flags: avx2 fma"
+    )
+    fast = {t.name: t for t in targets(rows, 1000.0, quick=False, spent=spent)}
+    assert fast["build seconds (from scratch)"].explanation == ""
+
+
 def test_classes_that_hold_the_shortfall_are_named():
     import dataclasses
 

@@ -126,9 +126,12 @@ def build(
     for step in schedule(recipe):
         run.step(step)
     log(f"[measure] {len(run.candidates)} artifacts on {len(eval_frames)} held-out frames")
+    measuring = time.perf_counter()
     measurements = measure(
         run.candidates, source, eval_frames, recipe.bench, out, progress, labelled=labelled
     )
+    spent = {_spent_label(name, r): r.seconds for name, r in run.results.items()}
+    spent[f"measuring {len(run.candidates)} artifacts"] = time.perf_counter() - measuring
     # what a build from scratch takes: cached stages count with their recorded time
     seconds = time.perf_counter() - started
     seconds += sum(r.seconds for r in run.results.values() if r.cached)
@@ -141,7 +144,7 @@ def build(
             "frames": len(eval_frames),
         },
         measurements=tuple(measurements),
-        targets=targets(measurements, seconds, quick),
+        targets=targets(measurements, seconds, quick, spent),
         stages={name: _stage_info(result) for name, result in run.results.items()},
         skipped=run.skipped,
         curves={"CPU INT8 by MACs": points} if (points := curve(measurements)) else {},
@@ -230,6 +233,12 @@ def _candidate(row: str, model: ModelRef, backend: str, cpu: bool) -> Candidate:
 
 def _source_key(source: Manifest) -> str:
     return str(source.checksums)
+
+
+def _spent_label(name: str, result: StageResult) -> str:
+    """A stage's name, with the arithmetic it trained in where it trained."""
+    precision = result.info.get("precision")
+    return f"{name} ({precision})" if precision else name
 
 
 def _stage_info(result: StageResult) -> dict[str, Any]:

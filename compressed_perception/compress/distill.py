@@ -50,6 +50,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # that noise and far below a pruned student's real gradients (median 4e-4).
 ADAM_EPS = 1e-6
 OPTIMIZERS = ("adamw", "sgd")
+FLOOR_BATCHES = 4  # batches that measure the arithmetic's noise floor (_noise_floor)
 # ONEDNN_MAX_CPU_ISA values below oneDNN's first ISA with bf16 arithmetic (AVX512_CORE_BF16)
 _BELOW_BF16 = frozenset(
     {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -113,6 +114,8 @@ class DistillReport:
     settings: dict[str, object]
     precision: str = "fp32"
     stopped_early: bool = False
+    noise_floor: float = 0.0  # loss at or under which a step is held (_noise_floor)
+    steps_held: int = 0  # steps whose loss was within it: no update
     notes: list[str] = field(default_factory=list)
 
 
@@ -145,31 +148,26 @@ def distill(
     validator = _Validator(images[-settings.validation_frames :], teacher, device)
     weights = Weights(box=settings.box_weight, focal=settings.focal, logit=settings.logit_weight)
     optimizer = _optimizer(student, settings)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(settings))
+    schedule = _cosine(settings)
     losses: list[float] = []
     parts: dict[str, list[float]] = {}
     best = _Best(student, validator.score(student, 0))
     started = time.perf_counter()
     stalled = 0
     targets = _TeacherCache(teacher, device, precision)
+    floor = _noise_floor(train, targets, teacher, weights, settings.batch, device)
+    held = 0
     for step in range(1, settings.steps + 1):
         student.train()
-        if settings.augment:
-            batch = train.augmented(settings.batch, settings, rng).to(device)
-            with torch.no_grad(), _autocast(device, precision):
-                target = teacher(batch)
-        else:
-            picks, batch = train.batch(settings.batch, rng)
-            batch = batch.to(device)
-            target = targets(picks, batch)
+        batch, target = _batch(train, targets, settings, rng, device)
         with _autocast(device, precision):
             terms = discrepancy(target, student(batch), weights)
         total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
-        optimizer.step()
-        schedule.step()
+        if float(total.detach()) > floor:
+            _update(student, optimizer, total, settings.lr * schedule(step - 1))
+        else:
+            held += 1
         losses.append(float(total.detach()))
         for name, value in terms.items():
             parts.setdefault(name, []).append(float(value.detach()))
@@ -191,7 +189,61 @@ def distill(
         asdict(settings),
         precision,
         stopped_early=len(losses) < settings.steps,
+        noise_floor=floor,
+        steps_held=held,
     )
+
+
+def _batch(
+    train: _Samples,
+    targets: _TeacherCache,
+    settings: DistillSettings,
+    rng: np.random.Generator,
+    device: str,
+) -> tuple[torch.Tensor, Levels]:
+    """A training batch and the teacher's outputs on it (cached unless augmented)."""
+    if settings.augment:
+        batch = train.augmented(settings.batch, settings, rng).to(device)
+        with torch.no_grad(), _autocast(device, targets.precision):
+            return batch, targets.teacher(batch)
+    picks, batch = train.batch(settings.batch, rng)
+    batch = batch.to(device)
+    return batch, targets(picks, batch)
+
+
+def _update(student: NanoDet, optimizer: torch.optim.Optimizer, total: Any, lr: float) -> None:
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+
+
+def _noise_floor(
+    train: _Samples,
+    targets: _TeacherCache,
+    teacher: NanoDet,
+    weights: Weights,
+    size: int,
+    device: str,
+) -> float:
+    """The largest loss, in size, that the teacher itself computed in fp32 scores against
+    the targets as training computes and stores them, over the first FLOOR_BATCHES batches.
+
+    A loss within it is rounding (of bf16 arithmetic, of the fp16 cache, of the loss's own
+    BCE-minus-entropy, which put an fp32 copy at -4e-6), not a difference between the
+    models, and a step on it only adds noise: Adam scales every gradient to a step of about
+    the learning rate, so a bf16 copy of the teacher, moved 1e-8 by such a step, flipped
+    the bf16 rounding of some weights and then chased the difference (docs/benchmarks.md)."""
+    worst = 0.0
+    count = len(train.frames)
+    for start in range(0, min(count, FLOOR_BATCHES * size), size):
+        picks = list(range(start, min(start + size, count)))
+        batch = train.picked(picks).to(device)
+        with torch.no_grad():
+            terms = discrepancy(targets(picks, batch), teacher(batch), weights)
+        worst = max(worst, abs(float(sum(terms.values()))))
+    return worst
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -274,8 +326,10 @@ class _Samples:
     def batch(self, size: int, rng: np.random.Generator) -> tuple[list[int], torch.Tensor]:
         """Which samples, and them normalised as NCHW float."""
         picks = sorted(int(p) for p in rng.choice(len(self.frames), size=size, replace=False))
-        images = torch.from_numpy(self.frames[picks])
-        return picks, self._normalised(images)
+        return picks, self.picked(picks)
+
+    def picked(self, picks: Sequence[int]) -> torch.Tensor:
+        return self._normalised(torch.from_numpy(self.frames[list(picks)]))
 
     def augmented(
         self, size: int, settings: DistillSettings, rng: np.random.Generator
@@ -447,6 +501,8 @@ def _produce(
         "best_step": report.best_step,
         "stopped_early": report.stopped_early,
         "precision": report.precision,
+        "noise_floor": report.noise_floor,
+        "steps_held": report.steps_held,
         "final_loss": round(float(np.mean(tail)), 5),
         "validation": report.validation,
         "train_seconds": round(report.seconds, 1),
@@ -479,6 +535,6 @@ STAGE = Stage(
     produce=_produce,
     variants=(Variant(STUDENT, "distill", "distilled"),),
     makes_student=True,
-    revision=2,
+    revision=3,  # steps whose loss is within the arithmetic's noise floor are held
     tables=_tables,
 )

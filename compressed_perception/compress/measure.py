@@ -224,12 +224,18 @@ def _first(measurements: Sequence[Measurement], stages: Sequence[str]) -> Measur
     return None
 
 
-def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) -> tuple[Target, ...]:
+def targets(
+    measurements: Sequence[Measurement],
+    seconds: float,
+    quick: bool,
+    spent: dict[str, float] | None = None,
+) -> tuple[Target, ...]:
     """The issues' targets, each from ratios measured in this one run.
 
     A target that falls short says why, from the same run: how much of the latency comes
-    from pruning and how much from INT8 (and whether this CPU has VNNI), and whether
-    accuracy was lost to pruning, to distillation or to quantization.
+    from pruning and how much from INT8 (and whether this CPU has VNNI), whether accuracy
+    was lost to pruning, to distillation or to quantization, and where the build's time
+    went (`spent`: seconds per stage and for measuring).
     """
     ort = _row(measurements, *REFERENCE)
     torch_row = _row(measurements, "fp32", "torch")
@@ -331,6 +337,7 @@ def targets(measurements: Sequence[Measurement], seconds: float, quick: bool) ->
             round(seconds, 1),
             QUICK_BUILD_SECONDS if quick else BUILD_SECONDS,
             "<=",
+            _why_slow(spent or {}, seconds),
         ),
     ]
     return tuple(_explained(t) for t in found)
@@ -356,6 +363,17 @@ def _why_latency(
         ("pruning alone (FP32 student on ORT) at {:.2f}x", _latency_ratio(student, ort)),
         (_isa_note(), 0.0),
     )
+
+
+def _why_slow(spent: dict[str, float], seconds: float) -> str:
+    """The three largest shares of the build's time, and the CPU's vector units: an
+    AVX2-only EPYC took 1.6x (prune) to 3.3x (distillation, fp32 against bf16) the time
+    of an AVX-512 one (docs/benchmarks.md)."""
+    largest = sorted(spent.items(), key=lambda item: -item[1])[:3]
+    shares = ", ".join(f"{name} {value:.0f} s" for name, value in largest)
+    flags = " ".join(isa_flags()) or "unknown"
+    text = f"of {seconds:.0f} s, {shares}" if largest else ""
+    return "; ".join(p for p in (text, f"this CPU's vector ISA flags: {flags}") if p)
 
 
 def _why_accuracy(
