@@ -234,7 +234,9 @@ def _noise_floor(
     BCE-minus-entropy, which put an fp32 copy at -4e-6), not a difference between the
     models, and a step on it only adds noise: Adam scales every gradient to a step of about
     the learning rate, so a bf16 copy of the teacher, moved 1e-8 by such a step, flipped
-    the bf16 rounding of some weights and then chased the difference (docs/benchmarks.md)."""
+    the bf16 rounding of some weights and then chased the difference (docs/benchmarks.md).
+    Augmented training caches nothing; its floor still counts the cache's fp16 rounding,
+    which its own targets do not have (not measured: augmentation is off by default)."""
     worst = 0.0
     count = len(train.frames)
     for start in range(0, min(count, FLOOR_BATCHES * size), size):
