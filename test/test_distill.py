@@ -76,7 +76,8 @@ def test_a_copy_is_not_moved_at_all(precision):
     report = distill(student, teacher, load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.precision == precision
     assert report.steps_held == 6, (report.losses, report.noise_floor)
-    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+    original = teacher.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())
 
 
 def test_a_real_difference_is_trained():

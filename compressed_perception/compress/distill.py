@@ -155,7 +155,7 @@ def distill(
     started = time.perf_counter()
     stalled = 0
     targets = _TeacherCache(teacher, device, precision)
-    floor = _noise_floor(train, targets, teacher, weights, settings.batch, device)
+    floor = _noise_floor(train, targets, weights, settings.batch, device)
     held = 0
     for step in range(1, settings.steps + 1):
         student.train()
@@ -164,11 +164,11 @@ def distill(
             terms = discrepancy(target, student(batch), weights)
         total = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
-        if float(total.detach()) > floor:
+        losses.append(float(total.detach()))
+        if losses[-1] > floor:
             _update(student, optimizer, total, settings.lr * schedule(step - 1))
         else:
             held += 1
-        losses.append(float(total.detach()))
         for name, value in terms.items():
             parts.setdefault(name, []).append(float(value.detach()))
         if progress is not None:
@@ -204,8 +204,7 @@ def _batch(
     """A training batch and the teacher's outputs on it (cached unless augmented)."""
     if settings.augment:
         batch = train.augmented(settings.batch, settings, rng).to(device)
-        with torch.no_grad(), _autocast(device, targets.precision):
-            return batch, targets.teacher(batch)
+        return batch, targets.computed(batch)
     picks, batch = train.batch(settings.batch, rng)
     batch = batch.to(device)
     return batch, targets(picks, batch)
@@ -222,7 +221,6 @@ def _update(student: NanoDet, optimizer: torch.optim.Optimizer, total: Any, lr: 
 def _noise_floor(
     train: _Samples,
     targets: _TeacherCache,
-    teacher: NanoDet,
     weights: Weights,
     size: int,
     device: str,
@@ -243,7 +241,7 @@ def _noise_floor(
         picks = list(range(start, min(start + size, count)))
         batch = train.picked(picks).to(device)
         with torch.no_grad():
-            terms = discrepancy(targets(picks, batch), teacher(batch), weights)
+            terms = discrepancy(targets(picks, batch), targets.teacher(batch), weights)
         worst = max(worst, abs(float(sum(terms.values()))))
     return worst
 
@@ -392,11 +390,15 @@ class _TeacherCache:
         self.precision = precision
         self.store: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
+    def computed(self, batch: torch.Tensor) -> Levels:
+        """The teacher's outputs in training precision, not stored."""
+        with torch.no_grad(), _autocast(self.device, self.precision):
+            return self.teacher(batch)
+
     def __call__(self, picks: Sequence[int], batch: torch.Tensor) -> Levels:
         missing = [slot for slot, pick in enumerate(picks) if pick not in self.store]
         if missing:
-            with torch.no_grad(), _autocast(self.device, self.precision):
-                levels = self.teacher(batch[missing])
+            levels = self.computed(batch[missing])
             for row, slot in enumerate(missing):
                 self.store[picks[slot]] = [
                     (cls[row].half().cpu(), box[row].half().cpu()) for cls, box in levels
