@@ -17,7 +17,7 @@ pytest.importorskip("nncf", reason="the build needs the build extra")
 from compressed_perception.cli import main  # noqa: E402
 from compressed_perception.compress import graph_rules  # noqa: E402
 from compressed_perception.compress.build import build  # noqa: E402
-from compressed_perception.compress.measure import CLASS_TABLE  # noqa: E402
+from compressed_perception.compress.measure import CLASS_TABLE, MOVED  # noqa: E402
 from compressed_perception.compress.quantize_openvino import (  # noqa: E402
     int8_convolutions,
     quantized_decode,
@@ -74,8 +74,14 @@ def test_report_has_every_stage_measured(quick_build):
         ("openvino-int8-unpruned", "openvino"),
         ("qdq-int8", "onnxruntime"),
         ("qdq-int8-unpruned", "onnxruntime"),
+        (MOVED, "onnxruntime"),
     }
     assert rows[("fp32", "onnxruntime")].accuracy == {"map": 1.0, "map50": 1.0}
+    # the yardstick: the same file on moved frames, never timed, never a CPU artifact
+    yardstick = rows[(MOVED, "onnxruntime")]
+    assert yardstick.latency_ms is None and not yardstick.cpu
+    assert yardstick.path == rows[("fp32", "onnxruntime")].path
+    assert 0.0 < yardstick.accuracy["map50"] <= 1.0 and yardstick.classes
     assert rows[("fp32", "openvino")].accuracy["map50"] > 0.98  # f32 inference, not bf16
     assert rows[("ort-int8-unpruned", "onnxruntime")].accuracy["map50"] > 0.8
     assert rows[("openvino-int8-unpruned", "openvino")].accuracy["map50"] > 0.8
@@ -86,7 +92,7 @@ def test_report_has_every_stage_measured(quick_build):
         > rows[("pruned", "onnxruntime")].accuracy["map50"]
     )
     assert not rows[("qdq-int8", "onnxruntime")].cpu  # for TensorRT; never best.json
-    assert all(m.latency_ms["p50"] > 0 for m in report.measurements)
+    assert all(m.latency_ms["p50"] > 0 for m in report.measurements if m.stage != MOVED)
     assert (
         rows[("ort-int8", "onnxruntime")].file_bytes < rows[("distilled", "onnxruntime")].file_bytes
     )

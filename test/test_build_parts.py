@@ -270,7 +270,7 @@ def test_a_slow_build_says_where_its_time_went(monkeypatch):
 def test_classes_that_hold_the_shortfall_are_named():
     import dataclasses
 
-    from compressed_perception.compress.measure import CLASS_TABLE, class_tables, targets
+    from compressed_perception.compress.measure import CLASS_TABLE, MOVED, class_tables, targets
 
     def cls(boxes, near, map50):
         return {"boxes": boxes, "near": near, "map": map50 - 0.2, "map50": map50}
@@ -279,15 +279,24 @@ def test_classes_that_hold_the_shortfall_are_named():
         _measurement("reconstructed", "onnxruntime", 50.0, {"map": 0.6, "map50": 0.72}),
         classes={"person": cls(500, 40, 0.96), "car": cls(150, 3, 1.0), "bus": cls(5, 5, 0.2)},
     )
+    moved = dataclasses.replace(
+        _measurement(MOVED, "onnxruntime", 100.0, {"map": 0.78, "map50": 0.885}, cpu=False),
+        latency_ms=None,
+        classes={"person": cls(500, 40, 0.99), "car": cls(150, 3, 1.0), "bus": cls(5, 5, 0.6)},
+    )
     rows = [_measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}), student]
-    named = {t.name: t for t in targets(rows, 1000.0, quick=False)}
+    named = {t.name: t for t in targets([*rows, moved], 1000.0, quick=False)}
     why = named["student (FP32) agreement mAP@.5"].explanation
+    assert "on the same frames moved by 1 px (right, or down), agrees at 0.780 / 0.885" in why
     assert "mean over the reference's 3 classes, and 1 below 0.9 (bus 0.20)" in why
     assert "hold 5 of its 655 boxes, 5 of them scored within 0.05 of its 0.35" in why
     assert "its other 2 classes average 0.980" in why
     table = class_tables(rows)[CLASS_TABLE]
     assert table["columns"][1:3] == ["reference boxes", "of them < 0.4"]
     assert table["rows"][2] == ["bus", 5, 5, "0.000 / 0.200"]
+    with_yardstick = class_tables([*rows, moved])[CLASS_TABLE]
+    assert with_yardstick["columns"][-1] == f"{MOVED} (onnxruntime) mAP / mAP@.5"
+    assert with_yardstick["rows"][2] == ["bus", 5, 5, "0.000 / 0.200", "0.400 / 0.600"]
     # every class at or above the bar: nothing to explain by class
     good = dataclasses.replace(student, classes={"car": cls(150, 3, 1.0)})
     named = {t.name: t for t in targets([rows[0], good], 1000.0, quick=False)}
@@ -396,6 +405,46 @@ def test_labelled_data_gives_real_map(tmp_path, frame_paths, frames, manifest_pa
     assert ort.accuracy["labelled_map50"] > 0.95 and ort.accuracy["map"] == 1.0
     with pytest.raises(DatasetError, match=r"labels\.json not found"):
         load_labelled(LabelSettings(str(coco), str(tmp_path)), manifest.classes)
+
+
+class _BrightSpot:
+    """A detector of one thing only: a 'person' box 4 px wide on the frame's brightest pixel,
+    or, `fixed`, always where that pixel was in the unmoved frame (it misses any move)."""
+
+    def __init__(self, fixed=None):
+        self.fixed = fixed
+
+    def detect(self, image, name="image"):
+        from types import SimpleNamespace
+
+        from compressed_perception.runtime.postprocess import Detections
+
+        y, x = self.fixed or np.unravel_index(np.argmax(image.sum(axis=2)), image.shape[:2])
+        box = np.array([[x - 2, y - 2, x + 2, y + 2]], np.float32)
+        found = Detections(box, np.array([0.9], np.float32), np.array([0], np.int64))
+        return SimpleNamespace(detections=found)
+
+
+def test_moving_the_frames_is_undone_before_they_are_compared(frames, manifest_path):
+    """The moved-frames yardstick does no harm: unmoved, a detector agrees with itself
+    perfectly; moved, boxes are moved back, so a detector that follows the move agrees
+    perfectly and one that does not, does not."""
+    from compressed_perception.compress.measure import moved_agreement
+    from compressed_perception.runtime.detector import Detector
+
+    real = Detector.open(manifest_path, "onnxruntime")
+    expected = [real.detect(f).detections for f in frames[:6]]
+    still = moved_agreement(real, frames[:6], expected, real.manifest.classes, (0, 0))
+    assert (still.map, still.map50) == (1.0, 1.0)
+    spot = np.zeros((48, 64, 3), np.uint8)
+    spot[20, 30] = 255
+    names = ["person"]
+    reference = [_BrightSpot().detect(spot).detections]
+    for move in ((1, 0), (0, 1), (3, 2)):
+        followed = moved_agreement(_BrightSpot(), [spot], reference, names, move)
+        assert followed.map == pytest.approx(1.0)
+    blind = moved_agreement(_BrightSpot((20, 30)), [spot], reference, names, (1, 0))
+    assert blind.map < 0.9  # a 4 px box 1 px off: IoU 0.6
 
 
 def test_quick_section_cannot_nest():
