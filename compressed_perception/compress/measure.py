@@ -160,18 +160,14 @@ def moved_agreement(
     """Agreement of `detector` with `expected` when every frame is moved by `move` (dx, dy
     whole pixels, the edge repeated) and its boxes are moved back: with no move, a
     deterministic detector agrees with its own `expected` perfectly."""
-    dx, dy = move
-    bar = tqdm(frames, desc=f"accuracy fp32, moved {move}", disable=not progress, leave=False)
-    found = []
-    for index, frame in enumerate(bar):
-        detections = detector.detect(_moved(frame, dx, dy), f"held-out frame {index}").detections
-        back = detections.boxes - np.array([dx, dy, dx, dy], detections.boxes.dtype)
-        found.append(Detections(back, detections.scores, detections.class_ids))
+    found = _detect_all(detector, frames, f"fp32, moved {move}", progress, move)
     return agreement(expected, found, [(f.shape[1], f.shape[0]) for f in frames], classes)
 
 
 def _moved(frame: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """`frame` with its content dx pixels right and dy down (dx, dy >= 0), edges repeated."""
+    if dx == dy == 0:
+        return frame
     height, width = frame.shape[:2]
     padded = np.pad(frame, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
     return np.ascontiguousarray(padded[:height, :width])
@@ -211,10 +207,21 @@ def _labelled_map(
 
 
 def _detect_all(
-    detector: Detector, frames: Sequence[np.ndarray], what: str, progress: bool
+    detector: Detector,
+    frames: Sequence[np.ndarray],
+    what: str,
+    progress: bool,
+    move: tuple[int, int] = (0, 0),
 ) -> list[Detections]:
+    """Each frame's detections; with `move`, of the frame moved so, with the boxes moved back."""
     bar = tqdm(frames, desc=f"accuracy {what}", disable=not progress, leave=False)
-    return [detector.detect(frame, f"held-out frame {i}").detections for i, frame in enumerate(bar)]
+    dx, dy = move
+    shift = np.array([dx, dy, dx, dy], np.float32)
+    found = []
+    for index, frame in enumerate(bar):
+        detections = detector.detect(_moved(frame, dx, dy), f"held-out frame {index}").detections
+        found.append(Detections(detections.boxes - shift, detections.scores, detections.class_ids))
+    return found
 
 
 def _reference_boxes(
