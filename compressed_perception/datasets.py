@@ -115,6 +115,19 @@ def load_frames(spec: FrameSource, minimum: int = 1, cache: Path | None = None) 
     return images
 
 
+def moved(frame: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """`frame` (rows, columns, ...) with its content dx pixels right and dy down (negative:
+    left and up), the edge repeated into what it leaves: the same scene seen by a camera
+    that sits a little to the side, which puts it at another phase of the detector's grid."""
+    if dx == dy == 0:
+        return frame
+    height, width = frame.shape[:2]
+    pad = ((max(dy, 0), max(-dy, 0)), (max(dx, 0), max(-dx, 0))) + ((0, 0),) * (frame.ndim - 2)
+    padded = np.pad(frame, pad, mode="edge")
+    top, left = max(-dy, 0), max(-dx, 0)
+    return np.ascontiguousarray(padded[top : top + height, left : left + width])
+
+
 def _iterate(spec: FrameSource, cache: Path | None) -> Iterator[np.ndarray]:
     if spec.source == VTEST:
         yield from (frame.image for frame in frames([vtest_video(cache)]))

@@ -163,6 +163,29 @@ def test_frames_from_folder_and_bag_with_ranges():
     assert len(bag) == 4 and bag[0].shape == (288, 384, 3) and bag[0].dtype == np.uint8
 
 
+@pytest.mark.parametrize(("dx", "dy"), [(3, 0), (-3, 0), (0, 2), (0, -2), (-2, 1)])
+def test_a_moved_frame_keeps_its_size_and_repeats_its_edge(dx, dy):
+    from compressed_perception.datasets import moved
+
+    frame = np.arange(12 * 10 * 3, dtype=np.int32).reshape(12, 10, 3)
+    view = moved(frame, dx, dy)
+    assert view.shape == frame.shape
+    # what stays in view is the frame, dx right and dy down
+    rows, cols = slice(max(dy, 0), 12 + min(dy, 0)), slice(max(dx, 0), 10 + min(dx, 0))
+    source = frame[max(-dy, 0) : 12 - max(dy, 0), max(-dx, 0) : 10 - max(dx, 0)]
+    np.testing.assert_array_equal(view[rows, cols], source)
+    # what the move uncovered repeats the nearest edge of what is in view
+    if dx > 0:
+        np.testing.assert_array_equal(view[:, :dx], np.repeat(view[:, dx : dx + 1], dx, axis=1))
+    if dx < 0:
+        np.testing.assert_array_equal(view[:, dx:], np.repeat(view[:, dx - 1 : dx], -dx, axis=1))
+    if dy > 0:
+        np.testing.assert_array_equal(view[:dy], np.repeat(view[dy : dy + 1], dy, axis=0))
+    if dy < 0:
+        np.testing.assert_array_equal(view[dy:], np.repeat(view[dy - 1 : dy], -dy, axis=0))
+    assert moved(frame, 0, 0) is frame
+
+
 def test_bad_frame_sources(tmp_path):
     with pytest.raises(DatasetError, match="not found"):
         load_frames(FrameSource(str(tmp_path / "missing")))

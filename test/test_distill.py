@@ -70,7 +70,7 @@ def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
 def test_a_copy_is_not_moved_at_all(precision):
     """Rounding is no signal: a copy's loss stays within the arithmetic's noise floor, so no
     step is taken and the weights stay bit for bit the teacher's (bf16 copies drifted)."""
-    settings = DistillSettings(steps=6, validate_every=6, precision=precision)
+    settings = DistillSettings(steps=6, validate_every=6, precision=precision, validation_frames=20)
     teacher = _model()
     student = _model()
     report = distill(student, teacher, load_frames(FrameSource(str(SAMPLE_BAG))), settings)
@@ -82,13 +82,36 @@ def test_a_copy_is_not_moved_at_all(precision):
 
 def test_a_real_difference_is_trained():
     """The floor holds rounding only: a student that differs from the teacher is trained."""
-    settings = DistillSettings(steps=3, validate_every=3, warmup=0)
+    settings = DistillSettings(steps=3, validate_every=3, warmup=0, validation_frames=20)
     student = _model()
     with torch.no_grad():
         student.head.preds[0].bias += 0.5
     report = distill(student, _model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.steps_held == 0
     assert min(report.losses) > 100 * report.noise_floor > 0
+
+
+def test_moved_samples_are_trained_on_the_teacher_s_outputs_for_them():
+    """A moved sample's targets are the teacher's on that very view: targets cached for the
+    unmoved frame would teach the student to see everything a few pixels off."""
+    import numpy as np
+
+    teacher = _model()
+    frames = load_frames(FrameSource(str(SAMPLE_BAG), stop=12))
+    samples = distill_module._Samples(frames, teacher, flip=False)
+    cache = distill_module._TeacherCache(teacher, "cpu", "fp32")
+    settings = DistillSettings(batch=4, move=7)
+    batch, targets = distill_module._batch(
+        samples, cache, settings, np.random.default_rng(1), "cpu"
+    )
+    _, still = samples.batch(4, np.random.default_rng(1))
+    assert not torch.equal(batch, still)  # the same picks, moved
+    assert (batch - still).abs().amax(dim=(1, 2, 3)).min() > 0  # every one of them
+    expected = teacher.eval()(batch)
+    for (cls, box), (want_cls, want_box) in zip(targets, expected, strict=True):
+        torch.testing.assert_close(cls, want_cls)
+        torch.testing.assert_close(box, want_box)
+    assert not cache.store  # nothing cached under the frame's index
 
 
 def test_the_best_validation_step_is_kept():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from compressed_perception.benchmark import interleave, isa_flags
 from compressed_perception.compress.recipe import BenchSettings, LabelSettings
 from compressed_perception.compress.report import Measurement, Target
-from compressed_perception.datasets import DatasetError
+from compressed_perception.datasets import DatasetError, moved
 from compressed_perception.evaluation.coco import (
     REFERENCE_THRESHOLD,
     CocoEvaluator,
@@ -117,7 +117,7 @@ def measure(
     # latency at the runtime's own score threshold: a low one would time NMS, not the model
     runtime = [Detector(m, b) for m, b in zip(manifests, backends, strict=True)]
     timings = interleave(runtime, [(bench.width, bench.height)], frames, bench.iterations)
-    moved = [
+    shifted = [
         moved_agreement(detectors[0], frames, expected, reference.classes, move, progress)
         for move in MOVES
     ]
@@ -142,9 +142,9 @@ def measure(
         measured[0],
         stage=MOVED,
         latency_ms=None,
-        accuracy={key: _mean(moved, key) for key in ("map", "map50")},
+        accuracy={key: _mean(shifted, key) for key in ("map", "map50")},
         cpu=False,
-        classes=_per_class(moved, boxes),
+        classes=_per_class(shifted, boxes),
     )
     return [measured[0], yardstick, *measured[1:]]
 
@@ -162,15 +162,6 @@ def moved_agreement(
     deterministic detector agrees with its own `expected` perfectly."""
     found = _detect_all(detector, frames, f"fp32, moved {move}", progress, move)
     return agreement(expected, found, [(f.shape[1], f.shape[0]) for f in frames], classes)
-
-
-def _moved(frame: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    """`frame` with its content dx pixels right and dy down (dx, dy >= 0), edges repeated."""
-    if dx == dy == 0:
-        return frame
-    height, width = frame.shape[:2]
-    padded = np.pad(frame, ((dy, 0), (dx, 0), (0, 0)), mode="edge")
-    return np.ascontiguousarray(padded[:height, :width])
 
 
 def load_labelled(
@@ -219,7 +210,7 @@ def _detect_all(
     shift = np.array([dx, dy, dx, dy], np.float32)
     found = []
     for index, frame in enumerate(bar):
-        detections = detector.detect(_moved(frame, dx, dy), f"held-out frame {index}").detections
+        detections = detector.detect(moved(frame, dx, dy), f"held-out frame {index}").detections
         found.append(Detections(detections.boxes - shift, detections.scores, detections.class_ids))
     return found
 
@@ -454,12 +445,12 @@ def _why_accuracy(
 def _yardstick(measurements: Sequence[Measurement]) -> str:
     """What the original itself agrees at when the camera moves by a pixel: a target above
     it asks the student to track the original more closely than the original tracks itself."""
-    moved = _first(measurements, (MOVED,))
-    if _accuracy(moved, "map") is None or _accuracy(moved, "map50") is None:
+    row = _first(measurements, (MOVED,))
+    if _accuracy(row, "map") is None or _accuracy(row, "map50") is None:
         return ""
     return (
         f"the original itself, on the same frames moved by 1 px (right, or down), agrees at "
-        f"{_accuracy(moved, 'map'):.3f} / {_accuracy(moved, 'map50'):.3f} on average"
+        f"{_accuracy(row, 'map'):.3f} / {_accuracy(row, 'map50'):.3f} on average"
     )
 
 
