@@ -114,21 +114,47 @@ def test_moved_samples_are_trained_on_the_teacher_s_outputs_for_them():
     assert not cache.store  # nothing cached under the frame's index
 
 
-def test_the_best_validation_step_is_kept():
+def _nudged(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        model.head.preds[0].bias += 1.0
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _score(step: int, merit: float) -> dict[str, float]:
+    return {"step": step, "map": merit, "map50": merit}
+
+
+def test_the_latest_step_within_tolerance_of_the_best_is_kept():
     model = _model()
-    best = distill_module._Best(model, {"step": 0, "map": 0.5, "map50": 0.6})
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        model.head.preds[0].bias += 1.0
-    assert best.offer(model, {"step": 10, "map": 0.7, "map50": 0.8})
-    improved = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        model.head.preds[0].bias += 1.0
-    assert not best.offer(model, {"step": 20, "map": 0.6, "map50": 0.7})
-    best.restore(model)
-    assert best.step == 10
-    assert all(torch.equal(improved[k], v) for k, v in model.state_dict().items())
-    assert not torch.equal(original["head.preds.0.bias"], model.head.preds[0].bias)
+    kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
+    assert kept.offer(model, _score(100, 0.64))
+    _nudged(model)
+    assert kept.offer(model, _score(200, 0.635))  # 0.005 under the best: kept, being later
+    latest = _nudged(model)
+    assert kept.offer(model, _score(300, 0.631))
+    _nudged(model)
+    assert not kept.offer(model, _score(400, 0.62))  # 0.02 under the best
+    kept.restore(model)
+    assert kept.step == 300
+    assert all(torch.equal(latest[k], v) for k, v in model.state_dict().items())
+    assert [entry["step"] for entry in kept.history] == [0, 100, 200, 300, 400]
+
+
+def test_a_distillation_that_hurts_returns_the_student_as_given():
+    model = _model()
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = distill_module._Kept(model, _score(0, 1.0), tolerance=0.01)
+    _nudged(model)
+    assert not kept.offer(model, _score(100, 0.985))
+    _nudged(model)
+    assert not kept.offer(model, _score(200, 0.95))
+    kept.restore(model)
+    assert kept.step == 0
+    assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
+    strict = distill_module._Kept(model, _score(0, 0.60), tolerance=0.0)
+    assert strict.offer(model, _score(100, 0.60))  # a tie goes to the later step
+    assert not strict.offer(model, _score(200, 0.5999))
+    assert strict.step == 100
 
 
 def test_too_few_frames_for_validation(frames):
@@ -144,6 +170,7 @@ def test_too_few_frames_for_validation(frames):
         ({"optimizer": "adam"}, "optimizer"),
         ({"validation_frames": 1}, "validation_frames"),
         ({"precision": "fp8"}, "precision"),
+        ({"tolerance": -0.01}, "tolerance"),
     ],
 )
 def test_bad_distill_settings(settings, message):

@@ -82,7 +82,11 @@ class DistillSettings:
     move: int = 7
     validation_frames: int = 80  # the last frames of the training range, never trained on
     validate_every: int = 100  # steps between validations
-    patience: int = 3  # validations without improvement before stopping
+    # validation merit (mean of mAP and mAP@.5) a later step may lose against the best, the
+    # student as given included, and still be kept: 80 consecutive frames of one scene cannot
+    # rank steps more finely, and on held-out frames the last steps agreed best (docs)
+    tolerance: float = 0.01
+    patience: int = 3  # validations in a row below that before stopping
     precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units
     seed: int = 0
 
@@ -101,6 +105,7 @@ class DistillSettings:
             "move": self.move >= 0,
             "validation_frames": self.validation_frames >= 4,
             "validate_every": self.validate_every >= 1,
+            "tolerance": 0 <= self.tolerance < 1,
             "patience": self.patience >= 1,
             "precision": self.precision in PRECISIONS,
         }
@@ -115,7 +120,7 @@ class DistillReport:
     losses: list[float]  # per step: total loss
     parts: dict[str, list[float]]  # per step: each loss term
     validation: list[dict[str, float]]  # step, map, map50 (step 0: the student as given)
-    best_step: int
+    kept_step: int
     seconds: float
     settings: dict[str, object]
     precision: str = "fp32"
@@ -135,8 +140,9 @@ def distill(
 ) -> DistillReport:
     """Fine-tune `student` in place to reproduce `teacher` on unlabelled BGR `images`.
 
-    The last `validation_frames` images are held aside to choose the best step; the
-    student returned is that step's (possibly the one given, step 0), on the CPU.
+    The last `validation_frames` images are held aside to choose the step kept: the
+    latest within `tolerance` of the best, the student as given (step 0) included, so a
+    distillation that hurts by more than that returns the student unchanged (on the CPU).
     """
     if len(images) < settings.validation_frames + settings.batch:
         raise ConfigError(
@@ -159,7 +165,7 @@ def distill(
     schedule = _cosine(settings)
     losses: list[float] = []
     parts: dict[str, list[float]] = {}
-    best = _Best(student, validator.score(student, 0))
+    kept = _Kept(student, validator.score(student, 0), settings.tolerance)
     started = time.perf_counter()
     stalled = 0
     targets = _TeacherCache(teacher, device, precision)
@@ -182,17 +188,16 @@ def distill(
         if progress is not None:
             progress(step, settings.steps, losses[-1])
         if step % settings.validate_every == 0 or step == settings.steps:
-            improved = best.offer(student, validator.score(student, step))
-            stalled = 0 if improved else stalled + 1
+            stalled = 0 if kept.offer(student, validator.score(student, step)) else stalled + 1
             if stalled >= settings.patience:
                 break
-    best.restore(student)
+    kept.restore(student)
     student.cpu().eval()
     return DistillReport(
         losses,
         parts,
-        best.history,
-        best.step,
+        kept.history,
+        kept.step,
         time.perf_counter() - started,
         asdict(settings),
         precision,
@@ -483,25 +488,34 @@ class _Validator:
         return found
 
 
-class _Best:
-    """The best student so far by validation agreement (mean of mAP and mAP@.5)."""
+class _Kept:
+    """The step to keep: the latest whose validation merit is within `tolerance` of the best
+    seen, step 0 (the student as given) included, since validation cannot rank steps closer
+    than that and later steps have trained longer."""
 
-    def __init__(self, model: NanoDet, first: dict[str, float]) -> None:
+    def __init__(self, model: NanoDet, first: dict[str, float], tolerance: float) -> None:
         self.history = [first]
+        self.tolerance = tolerance
+        self.best = _merit(first)
         self.step = 0
-        self.value = _merit(first)
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.state = _copied(model)
 
     def offer(self, model: NanoDet, result: dict[str, float]) -> bool:
         self.history.append(result)
-        if _merit(result) <= self.value:
+        merit = _merit(result)
+        self.best = max(self.best, merit)
+        if merit < self.best - self.tolerance:
             return False
-        self.value, self.step = _merit(result), int(result["step"])
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.step = int(result["step"])
+        self.state = _copied(model)
         return True
 
     def restore(self, model: nn.Module) -> None:
         model.load_state_dict(self.state)
+
+
+def _copied(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _merit(result: dict[str, float]) -> float:
@@ -535,10 +549,11 @@ def _produce(
     tail = report.losses[-20:] or [float("nan")]
     return {
         "steps_run": len(report.losses),
-        "best_step": report.best_step,
+        "kept_step": report.kept_step,
         "stopped_early": report.stopped_early,
         "precision": report.precision,
         "move": settings.move,
+        "tolerance": settings.tolerance,
         "noise_floor": report.noise_floor,
         "steps_held": report.steps_held,
         "final_loss": round(float(np.mean(tail)), 5),
@@ -554,7 +569,7 @@ def _tables(info: dict[str, Any]) -> dict[str, Table]:
             entry["step"],
             f"{entry['map']:.4f}",
             f"{entry['map50']:.4f}",
-            "kept" if entry["step"] == info.get("best_step") else "",
+            "kept" if entry["step"] == info.get("kept_step") else "",
         )
         for entry in history
     )
@@ -565,7 +580,8 @@ def _tables(info: dict[str, Any]) -> dict[str, Table]:
     note = (
         "Agreement with the teacher on the validation slice (the last frames of the training "
         f"range, never trained on{views}); step 0 is the student as distillation received it. "
-        "The best step is the one kept."
+        f"The step kept is the latest within {info.get('tolerance', 0)} of the best (step 0 "
+        "included) in the mean of mAP and mAP@.5."
     )
     columns = ("step", "validation mAP", "validation mAP@.5", "")
     return {"Distillation validation": Table(columns, rows, note)} if rows else {}
@@ -577,6 +593,6 @@ STAGE = Stage(
     produce=_produce,
     variants=(Variant(STUDENT, "distill", "distilled"),),
     makes_student=True,
-    revision=3,  # steps whose loss is within the arithmetic's noise floor are held
+    revision=4,  # the latest step within tolerance of the best is kept
     tables=_tables,
 )
