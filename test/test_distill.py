@@ -3,6 +3,8 @@ the step kept is the one that agrees best with the teacher on held-aside frames.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 torch = pytest.importorskip("torch", reason="distillation needs the build extra (torch)")
@@ -127,34 +129,49 @@ def _score(step: int, merit: float) -> dict[str, float]:
 def test_the_latest_step_within_tolerance_of_the_best_is_kept():
     model = _model()
     kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
-    assert kept.offer(model, _score(100, 0.64))
+    kept.offer(model, _score(100, 0.64))
     _nudged(model)
-    assert kept.offer(model, _score(200, 0.635))  # 0.005 under the best: kept, being later
+    kept.offer(model, _score(200, 0.635))  # 0.005 under the best: kept, being later
     latest = _nudged(model)
-    assert kept.offer(model, _score(300, 0.631))
+    kept.offer(model, _score(300, 0.631))
     _nudged(model)
-    assert not kept.offer(model, _score(400, 0.62))  # 0.02 under the best
+    kept.offer(model, _score(400, 0.62))  # 0.02 under the best
+    assert kept.stalled == 1
     kept.restore(model)
     assert kept.step == 300
     assert all(torch.equal(latest[k], v) for k, v in model.state_dict().items())
     assert [entry["step"] for entry in kept.history] == [0, 100, 200, 300, 400]
 
 
-def test_a_distillation_that_hurts_returns_the_student_as_given():
+def test_no_step_below_the_student_as_given_is_kept():
     model = _model()
     given = {k: v.clone() for k, v in model.state_dict().items()}
-    kept = distill_module._Kept(model, _score(0, 1.0), tolerance=0.01)
+    kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
     _nudged(model)
-    assert not kept.offer(model, _score(100, 0.985))
+    kept.offer(model, _score(100, 0.5999))  # within tolerance, but under step 0
+    assert (kept.step, kept.stalled) == (0, 0)  # not kept, yet not a stall either
     _nudged(model)
-    assert not kept.offer(model, _score(200, 0.95))
+    kept.offer(model, _score(200, 0.55))
+    assert (kept.step, kept.stalled) == (0, 1)
     kept.restore(model)
-    assert kept.step == 0
     assert all(torch.equal(given[k], v) for k, v in model.state_dict().items())
-    strict = distill_module._Kept(model, _score(0, 0.60), tolerance=0.0)
-    assert strict.offer(model, _score(100, 0.60))  # a tie goes to the later step
-    assert not strict.offer(model, _score(200, 0.5999))
-    assert strict.step == 100
+    kept.offer(model, _score(300, 0.60))  # a tie with step 0 goes to the later step
+    assert (kept.step, kept.stalled) == (300, 0)
+
+
+def test_the_shipped_build_kept_the_step_its_validation_history_gives():
+    """The shipped report's distillation replayed through the rule: same step kept, and no
+    stop before the steps it ran."""
+    report = json.loads((ROOT / "models" / "nanodet_g_compressed" / "report.json").read_text())
+    info, recipe = report["stages"]["distill"], report["recipe"]["distill"]
+    first, *rest = info["validation"]
+    model = _model()
+    kept = distill_module._Kept(model, first, tolerance=info["tolerance"])
+    for result in rest:
+        assert kept.stalled < recipe["patience"]
+        kept.offer(model, result)
+    assert rest[-1]["step"] == info["steps_run"]
+    assert kept.step == info["kept_step"]
 
 
 def test_too_few_frames_for_validation(frames):

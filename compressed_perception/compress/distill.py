@@ -82,11 +82,11 @@ class DistillSettings:
     move: int = 7
     validation_frames: int = 80  # the last frames of the training range, never trained on
     validate_every: int = 100  # steps between validations
-    # validation merit (mean of mAP and mAP@.5) a later step may lose against the best, the
-    # student as given included, and still be kept: 80 consecutive frames of one scene cannot
-    # rank steps more finely, and on held-out frames the last steps agreed best (docs)
+    # validation merit (mean of mAP and mAP@.5) a later step may lose against the best and
+    # still be kept, never below the student as given: 80 consecutive frames of one scene
+    # cannot rank steps more finely, and on held-out frames the last steps agreed best (docs)
     tolerance: float = 0.01
-    patience: int = 3  # validations in a row below that before stopping
+    patience: int = 3  # validations in a row further below the best before stopping
     precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units
     seed: int = 0
 
@@ -141,8 +141,8 @@ def distill(
     """Fine-tune `student` in place to reproduce `teacher` on unlabelled BGR `images`.
 
     The last `validation_frames` images are held aside to choose the step kept: the
-    latest within `tolerance` of the best, the student as given (step 0) included, so a
-    distillation that hurts by more than that returns the student unchanged (on the CPU).
+    latest within `tolerance` of the best and not below the student as given (step 0,
+    kept when no later step is), returned on the CPU.
     """
     if len(images) < settings.validation_frames + settings.batch:
         raise ConfigError(
@@ -167,7 +167,6 @@ def distill(
     parts: dict[str, list[float]] = {}
     kept = _Kept(student, validator.score(student, 0), settings.tolerance)
     started = time.perf_counter()
-    stalled = 0
     targets = _TeacherCache(teacher, device, precision)
     floor = _noise_floor(train, targets, weights, settings.batch, device)
     held = 0
@@ -188,8 +187,8 @@ def distill(
         if progress is not None:
             progress(step, settings.steps, losses[-1])
         if step % settings.validate_every == 0 or step == settings.steps:
-            stalled = 0 if kept.offer(student, validator.score(student, step)) else stalled + 1
-            if stalled >= settings.patience:
+            kept.offer(student, validator.score(student, step))
+            if kept.stalled >= settings.patience:
                 break
     kept.restore(student)
     student.cpu().eval()
@@ -490,25 +489,29 @@ class _Validator:
 
 class _Kept:
     """The step to keep: the latest whose validation merit is within `tolerance` of the best
-    seen, step 0 (the student as given) included, since validation cannot rank steps closer
-    than that and later steps have trained longer."""
+    seen, since validation cannot rank steps closer than that and later steps have trained
+    longer, but never one below step 0 (the student as given): that floor is what keeps a
+    distillation from returning a student worse than it received."""
 
     def __init__(self, model: NanoDet, first: dict[str, float], tolerance: float) -> None:
         self.history = [first]
         self.tolerance = tolerance
-        self.best = _merit(first)
+        self.floor = self.best = _merit(first)
         self.step = 0
         self.state = _copied(model)
+        self.stalled = 0  # validations in a row more than `tolerance` under the best
 
-    def offer(self, model: NanoDet, result: dict[str, float]) -> bool:
+    def offer(self, model: NanoDet, result: dict[str, float]) -> None:
         self.history.append(result)
         merit = _merit(result)
         self.best = max(self.best, merit)
         if merit < self.best - self.tolerance:
-            return False
-        self.step = int(result["step"])
-        self.state = _copied(model)
-        return True
+            self.stalled += 1
+            return
+        self.stalled = 0
+        if merit >= self.floor:
+            self.step = int(result["step"])
+            self.state = _copied(model)
 
     def restore(self, model: nn.Module) -> None:
         model.load_state_dict(self.state)
@@ -580,8 +583,8 @@ def _tables(info: dict[str, Any]) -> dict[str, Table]:
     note = (
         "Agreement with the teacher on the validation slice (the last frames of the training "
         f"range, never trained on{views}); step 0 is the student as distillation received it. "
-        f"The step kept is the latest within {info.get('tolerance', 0)} of the best (step 0 "
-        "included) in the mean of mAP and mAP@.5."
+        f"The step kept is the latest within {info.get('tolerance', 0)} of the best in the mean "
+        "of mAP and mAP@.5 and not below step 0."
     )
     columns = ("step", "validation mAP", "validation mAP@.5", "")
     return {"Distillation validation": Table(columns, rows, note)} if rows else {}
