@@ -1,5 +1,6 @@
 """Distillation never hurts: a student that already is the teacher stays the teacher, and
-the step kept is the one that agrees best with the teacher on held-aside frames."""
+the step kept is the latest within tolerance of the best on held-aside frames, never one
+below the student as given."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def test_moved_samples_are_trained_on_the_teacher_s_outputs_for_them():
 def _nudged(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         model.head.preds[0].bias += 1.0
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return distill_module._copied(model)
 
 
 def _score(step: int, merit: float) -> dict[str, float]:
@@ -145,7 +146,7 @@ def test_the_latest_step_within_tolerance_of_the_best_is_kept():
 
 def test_no_step_below_the_student_as_given_is_kept():
     model = _model()
-    given = {k: v.clone() for k, v in model.state_dict().items()}
+    given = distill_module._copied(model)
     kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
     _nudged(model)
     kept.offer(model, _score(100, 0.5999))  # within tolerance, but under step 0

@@ -2,9 +2,10 @@
 
 No labelled road data exists, and what the deployment needs is the original model's
 behaviour, so the teacher's own outputs are the targets (`objective.discrepancy`). The
-loss is only a means: what is kept is the student that agrees best with the teacher's
-detections on a validation slice of the training range (never the held-out frames), so
-distillation cannot return a student worse than the one it was given.
+loss is only a means: what is kept is judged by agreement with the teacher's detections
+on a validation slice of the training range (never the held-out frames), the latest step
+within a tolerance of the best and never one below the student as given, so distillation
+cannot return a student that validation rates worse than the one it was given.
 """
 
 from __future__ import annotations
@@ -596,6 +597,6 @@ STAGE = Stage(
     produce=_produce,
     variants=(Variant(STUDENT, "distill", "distilled"),),
     makes_student=True,
-    revision=4,  # the latest step within tolerance of the best is kept
+    revision=4,  # the latest step within tolerance of the best, never below step 0, is kept
     tables=_tables,
 )
