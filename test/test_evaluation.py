@@ -21,6 +21,7 @@ from compressed_perception.evaluation import (
     CocoEvaluator,
     MapResult,
     agreement,
+    coco,
     load_coco_ground_truth,
 )
 from compressed_perception.runtime.postprocess import Detections
@@ -213,6 +214,36 @@ def test_agreement_with_itself_is_one():
     assert result.predicted_boxes > result.ground_truth_boxes  # low-score boxes are kept
     assert result.map == pytest.approx(1.0)
     assert result.map50 == pytest.approx(1.0)
+
+
+def _jittered(frames, rng):
+    """Each frame's boxes moved a little, some dropped, with random scores: a candidate
+    that agrees partly, with boxes of every COCO area range (small, medium, large)."""
+    out = []
+    for frame in frames:
+        keep = rng.random(len(frame.scores)) < 0.8
+        boxes = frame.boxes[keep] + rng.normal(0, 4, (int(keep.sum()), 4)).astype(np.float32)
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
+        scores = rng.uniform(0.05, 1.0, len(boxes)).astype(np.float32)
+        out.append(Detections(boxes, scores, frame.class_ids[keep]))
+    return out
+
+
+def test_evaluating_only_the_all_area_range_changes_nothing(monkeypatch):
+    rng = np.random.default_rng(3)
+    frames = []
+    for _ in range(12):
+        corners = rng.uniform(0, 400, (10, 2))
+        sizes = rng.uniform(4, 240, (10, 2))  # areas from 16 to 57600 px: all three ranges
+        boxes = np.hstack([corners, corners + sizes])
+        frames.append(_dets(boxes, rng.integers(0, 3, 10), rng.uniform(0.35, 1.0, 10)))
+    candidate = _jittered(frames, rng)
+    sizes = [(640, 480)] * len(frames)
+    fast = agreement(frames, candidate, sizes, CLASSES)
+    monkeypatch.setattr(coco, "_area_all_only", lambda params: None)
+    every_range = agreement(frames, candidate, sizes, CLASSES)
+    assert 0.2 < fast.map < 0.9  # a partial agreement, not a trivial 0 or 1
+    assert fast == every_range
 
 
 def test_agreement_rejects_inconsistent_detections():

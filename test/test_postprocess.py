@@ -12,6 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from compressed_perception.errors import ConfigError, ModelError
 from compressed_perception.runtime.postprocess import (
+    PAIRWISE_MAX,
     Detections,
     PostprocessConfig,
     nms,
@@ -87,13 +88,36 @@ def score_arrays(shape):
 
 
 @FAST
-@given(data=st.data(), count=st.integers(0, 40), threshold=st.floats(0, 1))
-def test_nms_matches_reference(data, count, threshold):
+@given(
+    data=st.data(),
+    count=st.integers(0, 40),
+    threshold=st.floats(0, 1),
+    limit=st.one_of(st.none(), st.integers(1, 45)),
+)
+def test_nms_matches_reference(data, count, threshold, limit):
+    """The first `limit` boxes the textbook loop keeps, however early the loop stops."""
     boxes = data.draw(integer_boxes(count))
     scores = data.draw(score_arrays(count))
-    kept = nms(boxes, scores, threshold)
+    kept = nms(boxes, scores, threshold, limit)
     assert kept.dtype == np.int64
-    assert kept.tolist() == _reference_nms(boxes, scores.tolist(), threshold)
+    assert kept.tolist() == _reference_nms(boxes, scores.tolist(), threshold)[:limit]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("limit", [None, 100])
+def test_nms_past_the_pairwise_size_matches_reference(seed, limit):
+    """Past PAIRWISE_MAX boxes NMS takes its other path, one kept box at a time: as many
+    boxes as a 0.05 score threshold gives, crowded, with tied scores and empty boxes."""
+    rng = np.random.default_rng(seed)
+    count = PAIRWISE_MAX * 3
+    corners = rng.integers(-20, 200, (count, 2))
+    boxes = np.concatenate([corners, corners + rng.integers(-3, 60, (count, 2))], 1)
+    scores = rng.choice([0.25, 0.5, 0.75, *rng.random(8)], count).astype(np.float32)
+    threshold = float(rng.uniform(0.2, 0.8))
+    kept = nms(boxes.astype(np.float32), scores, threshold, limit)
+    expected = _reference_nms(boxes.astype(np.float32), scores.tolist(), threshold)
+    assert len(expected) > PAIRWISE_MAX // 4  # crowded, yet many boxes kept
+    assert kept.tolist() == expected[:limit]
 
 
 @FAST

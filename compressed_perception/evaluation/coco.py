@@ -120,17 +120,21 @@ class CocoEvaluator:
                 )
 
     def _evaluate(self) -> tuple[np.ndarray, Any]:
-        """precision[T, R, K] for area 'all' and maxDets 100, plus the parameters used."""
+        """precision[T, R, K] for area 'all' and maxDets 100, plus the parameters used.
+
+        Only the 'all' area range is evaluated: COCOeval matches every image and class once
+        per range, each range on its own, so the small, medium and large ranges cost three
+        quarters of the time and change nothing in 'all' (tested against all four)."""
         with contextlib.redirect_stdout(io.StringIO()):
             gt = _coco(self._images, self._ground_truth, self._class_names)
             dt = _coco(self._images, self._predictions, self._class_names)
             evaluator = COCOeval(gt, dt, iouType="bbox")
+            _area_all_only(evaluator.params)
             evaluator.evaluate()
             evaluator.accumulate()
         params = evaluator.params
-        area_all = params.areaRngLbl.index("all")
         max_dets = params.maxDets.index(100)
-        return evaluator.eval["precision"][:, :, :, area_all, max_dets], params
+        return evaluator.eval["precision"][:, :, :, 0, max_dets], params
 
     def _summary(
         self,
@@ -150,6 +154,13 @@ class CocoEvaluator:
             predicted_boxes=len(self._predictions),
             frames=len(self._images),
         )
+
+
+def _area_all_only(params: Any) -> None:
+    """Keep only COCOeval's 'all' area range (index 0 after this)."""
+    index = params.areaRngLbl.index("all")
+    params.areaRng = [params.areaRng[index]]
+    params.areaRngLbl = ["all"]
 
 
 def agreement(
