@@ -108,8 +108,8 @@ def measure(
     for index, (candidate, detector) in enumerate(zip(rows, detectors, strict=True)):
         if candidate.backend == "torch":
             continue  # the same FP32 weights as the reference: nothing to learn, 10x the time
-        # the reference row is scored on the detections it made as the reference: the same
-        # session and frames, detected a second time, only doubled a pass over 395 frames
+        # the reference row is scored on the detections it already made as the reference:
+        # the same session on the same frames would only repeat them
         found = (
             expected
             if index == 0

@@ -133,8 +133,9 @@ class CocoEvaluator:
             evaluator.evaluate()
             evaluator.accumulate()
         params = evaluator.params
+        area_all = params.areaRngLbl.index("all")
         max_dets = params.maxDets.index(100)
-        return evaluator.eval["precision"][:, :, :, 0, max_dets], params
+        return evaluator.eval["precision"][:, :, :, area_all, max_dets], params
 
     def _summary(
         self,
@@ -157,7 +158,7 @@ class CocoEvaluator:
 
 
 def _area_all_only(params: Any) -> None:
-    """Keep only COCOeval's 'all' area range (index 0 after this)."""
+    """Keep only COCOeval's 'all' area range."""
     index = params.areaRngLbl.index("all")
     params.areaRng = [params.areaRng[index]]
     params.areaRngLbl = ["all"]
