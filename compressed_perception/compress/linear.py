@@ -22,10 +22,10 @@ def patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def with_ones(rows: torch.Tensor) -> torch.Tensor:
-    """Rows in float64 with the bias's column of ones appended (one pass, no concatenation:
+def with_ones(rows: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rows in `dtype` with the bias's column of ones appended (one pass, no concatenation:
     these are the largest tensors least squares makes)."""
-    out = torch.empty(len(rows), rows.shape[1] + 1, dtype=torch.float64, device=rows.device)
+    out = torch.empty(len(rows), rows.shape[1] + 1, dtype=dtype, device=rows.device)
     out[:, :-1] = rows
     out[:, -1] = 1.0
     return out

@@ -72,6 +72,7 @@ class ReconstructReport:
 
 
 OUTPUT_FIT_ITERATIONS = 100
+OUTPUT_FIT_ROWS = 8192  # rows per pass of the output fit's objective
 
 
 class _StopForwardError(Exception):
@@ -352,12 +353,14 @@ def _refit(
     cross = torch.zeros(features + 1, outputs, dtype=torch.float64, device=device)
     squares, energy = 0.0, 0.0
     for index, (x, y) in enumerate(zip(inputs.of(name), targets, strict=True)):
-        rows = with_ones(patches(conv, x))
-        wanted = y.permute(0, 2, 3, 1).reshape(-1, outputs).double()
-        weight = rows[:, -1:] if cells is None else cells[index].reshape(-1, 1).double()
+        rows = with_ones(patches(conv, x), torch.float32)
+        wanted = y.permute(0, 2, 3, 1).reshape(-1, outputs)
+        weight = rows[:, -1:] if cells is None else cells[index].reshape(-1, 1)
         weighted = rows if cells is None else rows * weight
-        gram += weighted.T @ rows
-        cross += weighted.T @ wanted
+        # one batch's products in float32, their sum over batches in float64 (docs)
+        gram += (weighted.T @ rows).double()
+        cross += (weighted.T @ wanted).double()
+        wanted, weight = wanted.double(), weight.double()
         squares += float((weight * wanted.square()).sum())
         centred = wanted - (weight * wanted).sum(0) / weight.sum()
         energy += float((weight * centred.square()).sum())
@@ -411,15 +414,23 @@ class _OutputObjective:
     Value and gradient are written out, not left to autograd: the fit was reconstruction's
     costliest part. With p the teacher's probabilities, BCE(x, p) = softplus(x) - p x, and
     a box side's KL is logsumexp(z) - q.z plus a constant, so the terms linear in W are
-    summed once here and an evaluation passes over the logits only a few times.
+    summed once here and an evaluation passes over the logits only a few times. It does so
+    `chunk` rows at a time, so that those passes read a cache, not memory (docs: the
+    elementwise passes over all rows at once took two thirds of the fit).
     """
 
     def __init__(
-        self, rows: torch.Tensor, wanted: torch.Tensor, classes: int, floor: float
+        self,
+        rows: torch.Tensor,
+        wanted: torch.Tensor,
+        classes: int,
+        floor: float,
+        chunk: int = OUTPUT_FIT_ROWS,
     ) -> None:
         self.rows = rows
         self.classes = classes
         self.sides = 4
+        self.chunk = chunk
         self.target_prob = wanted[:, :classes].sigmoid()
         target_log = wanted[:, classes:].unflatten(-1, (self.sides, -1)).log_softmax(-1)
         self.target_dist = target_log.exp()
@@ -446,42 +457,54 @@ class _OutputObjective:
         self.linear_bias = target_grad.sum(0)
 
     def value(self, weight: torch.Tensor, bias: torch.Tensor) -> float:
-        cls, box = self._logits(weight, bias)
-        return float(self._value(cls, box.logsumexp(-1, keepdim=True), weight, bias))
+        nonlinear = torch.zeros((), dtype=torch.float64)
+        for part in self._parts():
+            cls, normaliser, _box = self._logits(part, weight, bias)
+            nonlinear += self._nonlinear(part, cls, normaliser)
+        return float(self._value(nonlinear, weight, bias))
 
     def value_and_gradient(
         self, weight: torch.Tensor, bias: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cls, box = self._logits(weight, bias)
-        normaliser = box.logsumexp(-1, keepdim=True)
-        value = self._value(cls, normaliser, weight, bias)
-        grad_cls = (cls.sigmoid_() - self.target_prob).mul_(self.class_scale[:, None])
-        grad_box = box.sub_(normaliser).exp_().sub_(self.target_dist)
-        grad_box = grad_box.mul_(self.box_scale[:, None, None]).flatten(1)
-        grad_weight = torch.cat((grad_cls.T @ self.rows, grad_box.T @ self.rows))
-        grad_bias = torch.cat((grad_cls.sum(0), grad_box.sum(0)))
-        return value, grad_weight, grad_bias
-
-    def _logits(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Class and box logits, each contiguous: elementwise work on a strided half of
-        one output ran at a third of the speed."""
         k = self.classes
-        cls = torch.addmm(bias[:k], self.rows, weight[:k].T)
-        box = torch.addmm(bias[k:], self.rows, weight[k:].T)
-        return cls, box.unflatten(-1, (self.sides, -1))
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        nonlinear = torch.zeros((), dtype=torch.float64)
+        for part in self._parts():
+            cls, normaliser, box = self._logits(part, weight, bias)
+            nonlinear += self._nonlinear(part, cls, normaliser)
+            rows = self.rows[part]
+            grad_cls = (cls.sigmoid_() - self.target_prob[part]).mul_(self.class_scale[part, None])
+            grad_box = box.sub_(normaliser).exp_().sub_(self.target_dist[part])
+            grad_box = grad_box.mul_(self.box_scale[part, None, None]).flatten(1)
+            grad_weight[:k].addmm_(grad_cls.T, rows)
+            grad_weight[k:].addmm_(grad_box.T, rows)
+            grad_bias[:k] += grad_cls.sum(0)
+            grad_bias[k:] += grad_box.sum(0)
+        return self._value(nonlinear, weight, bias), grad_weight, grad_bias
 
-    def _value(
-        self,
-        cls: torch.Tensor,
-        normaliser: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-    ) -> torch.Tensor:
-        """From the class logits and each box side's logsumexp, summed in float64: the
-        linear terms cancel most of the rest."""
-        nonlinear = (F.softplus(cls).sum(1).double() * self.class_scale.double()).sum() + (
-            normaliser.sum((1, 2)).double() * self.box_scale.double()
+    def _parts(self) -> list[slice]:
+        return [slice(s, s + self.chunk) for s in range(0, len(self.rows), self.chunk)]
+
+    def _logits(
+        self, part: slice, weight: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class logits, each box side's logsumexp, and box logits, of the rows in `part`;
+        each contiguous: elementwise work on a strided half of one output ran at a third of
+        the speed."""
+        k = self.classes
+        rows = self.rows[part]
+        cls = torch.addmm(bias[:k], rows, weight[:k].T)
+        box = torch.addmm(bias[k:], rows, weight[k:].T).unflatten(-1, (self.sides, -1))
+        return cls, box.logsumexp(-1, keepdim=True), box
+
+    def _nonlinear(self, part: slice, cls: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+        """The terms that are not linear in W for the rows in `part`, summed in float64."""
+        return (F.softplus(cls).sum(1).double() * self.class_scale[part].double()).sum() + (
+            normaliser.sum((1, 2)).double() * self.box_scale[part].double()
         ).sum()
+
+    def _value(self, nonlinear: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Any:
+        """From the nonlinear terms, in float64: the linear terms cancel most of them."""
         linear = (self.linear_weight * weight.double()).sum() + (
             self.linear_bias * bias.double()
         ).sum()
@@ -537,4 +560,5 @@ STAGE = Stage(
     produce=_produce,
     variants=(Variant(STUDENT, "reconstruct", "reconstructed"),),
     makes_student=True,
+    revision=2,  # products in float32, summed over batches in float64; the output fit chunked
 )
