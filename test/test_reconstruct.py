@@ -172,7 +172,8 @@ def test_the_output_objective_and_its_gradient_match_their_definition():
 def _inputs_match_full_passes(model, batches):
     """Walks the convs as reconstruction does, changing each one's weights as a refit
     would, and compares every input the replaying source yields with a full pass."""
-    from compressed_perception.compress.reconstruct import _calls, _input_of, _Inputs
+    from compressed_perception.compress.reconstruct import _input_of, _Inputs
+    from compressed_perception.compress.upstream import calls as _calls
 
     calls = _calls(model, batches[0][:1])
     order = [name for name in calls if isinstance(model.get_submodule(name), nn.Conv2d)]

@@ -48,6 +48,7 @@ from compressed_perception.compress.stage import (
     Table,
     Variant,
 )
+from compressed_perception.compress.upstream import Upstream
 from compressed_perception.errors import ConfigError
 from compressed_perception.models.nanodet import NanoDet
 
@@ -378,9 +379,14 @@ def scan(
     batches: Sequence[torch.Tensor],
     settings: PruneSettings,
 ) -> dict[str, dict[str, float]]:
-    """Output discrepancy from the original when one group alone loses each scanned share."""
+    """Output discrepancy from the original when one group alone loses each scanned share.
+
+    A masked copy differs from the original in the group's consumers alone, so what runs
+    before them is replayed from the original's passes (`Upstream`), not computed again.
+    """
+    upstream = Upstream(model, batches[0][:1], [list(g.consumers) for g in groups])
     with torch.no_grad():
-        reference = [model(batch) for batch in batches]
+        reference = [upstream.record(model, batch) for batch in batches]
     table: dict[str, dict[str, float]] = {}
     for group in groups:
         row = {}
@@ -388,20 +394,23 @@ def scan(
             count = _rounded(group.size, ratio, settings.round_to)
             masked = copy.deepcopy(model)
             _refit_and_mask(masked, group, ranking[group.root][:count], stats)
-            row[f"{ratio:g}"] = _mean_discrepancy(masked, batches, reference)
+            row[f"{ratio:g}"] = _mean_discrepancy(
+                masked, list(group.consumers), upstream, reference
+            )
         table[group.root] = row
     return table
 
 
 def _mean_discrepancy(
-    model: NanoDet, batches: Sequence[torch.Tensor], reference: Sequence[object]
+    model: NanoDet, changed: Sequence[str], upstream: Upstream, reference: Sequence[object]
 ) -> float:
     total = 0.0
     with torch.no_grad():
-        for batch, teacher in zip(batches, reference, strict=True):
-            terms = discrepancy(teacher, model(batch))  # type: ignore[arg-type]
+        for index, teacher in enumerate(reference):
+            found = upstream.run(model, changed, index)
+            terms = discrepancy(teacher, found)  # type: ignore[arg-type]
             total += float(sum(terms.values()))
-    return round(total / len(batches), 6)
+    return round(total / len(reference), 6)
 
 
 def _fold_and_mask(

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compressed_perception.atomic import write_json
+from compressed_perception.compress import upstream
 from compressed_perception.compress.artifacts import torch_model, write_model
 from compressed_perception.compress.linear import (
     patches,
@@ -99,7 +100,7 @@ def reconstruct(
     if settings.flip:
         frames += [np.ascontiguousarray(image[:, ::-1]) for image in frames]
     batches = [batch.to(device) for batch in normalized_batches(teacher, frames)]
-    calls = _calls(student, batches[0][:1])
+    calls = upstream.calls(student, batches[0][:1])
     order = [name for name in calls if isinstance(student.get_submodule(name), nn.Conv2d)]
     _check_kept(student, teacher, kept, order)
     layers: dict[str, dict[str, float]] = {}
@@ -117,23 +118,6 @@ def reconstruct(
                 progress(done + 1, len(order))
     student.cpu()
     return ReconstructReport(layers, time.perf_counter() - started)
-
-
-def _calls(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
-    """Every submodule that runs, in the order it finishes, with how often it runs."""
-    calls: dict[str, int] = {}
-
-    def count(name: str) -> Callable[..., None]:
-        return lambda *_: calls.update({name: calls.get(name, 0) + 1})
-
-    handles = [m.register_forward_hook(count(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
 
 
 def _refit_layer(
