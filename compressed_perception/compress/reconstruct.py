@@ -487,7 +487,9 @@ class _OutputObjective:
             normaliser.sum((1, 2)).double() * self.box_scale[part].double()
         ).sum()
 
-    def _value(self, nonlinear: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Any:
+    def _value(
+        self, nonlinear: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
         """From the nonlinear terms, in float64: the linear terms cancel most of them."""
         linear = (self.linear_weight * weight.double()).sum() + (
             self.linear_bias * bias.double()
