@@ -248,7 +248,7 @@ class _Inputs:
                 waiting.append(name)
         self.captured: dict[str, dict[int, object]] = {}
         self.kept: dict[str, list[object]] = {}
-        self.patched: list[nn.Module] = []
+        self.overrides = upstream.Overrides()
         self.batch: int | None = None  # the batch replayed outputs are for; None: run all
         self.replay = True
 
@@ -303,8 +303,7 @@ class _Inputs:
             self.kept = {k: v for k, v in self.kept.items() if not k.startswith(prefix)}
             self.kept[name] = [outputs[index] for index in range(len(self.batches))]
             module = self.model.get_submodule(name)
-            module.forward = functools.partial(self._replayed, name, module.forward)
-            self.patched.append(module)
+            self.overrides.replace(module, functools.partial(self._replayed, name, module.forward))
         self.captured = {}
 
     def _replayed(self, name: str, forward: Callable[..., object], *args: Any, **kw: Any) -> Any:
@@ -312,9 +311,8 @@ class _Inputs:
         return forward(*args, **kw) if self.batch is None or kept is None else kept[self.batch]
 
     def _stop(self) -> None:
-        for module in self.patched:
-            del module.forward
-        self.patched, self.kept, self.captured, self.ready, self.replay = [], {}, {}, [], False
+        self.overrides.undo()
+        self.kept, self.captured, self.ready, self.replay = {}, {}, [], False
 
 
 def _refit(

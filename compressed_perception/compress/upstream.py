@@ -78,19 +78,35 @@ class Upstream:
     def run(self, model: nn.Module, changed: Sequence[str], index: int) -> Any:
         """`model`, a copy differing from the recorded one in `changed` alone, on the
         `index`-th batch recorded."""
-        patched = []
         recorded = self.recorded[index]
-        for name in self.plans[frozenset(changed)]:
-            if name not in recorded:  # an output it cannot copy: computed again
-                continue
-            module = model.get_submodule(name)
-            module.forward = _replay(recorded[name])
-            patched.append(module)
-        try:
+        with Overrides() as overrides:
+            for name in self.plans[frozenset(changed)]:
+                if name in recorded:  # an output it cannot copy is computed again
+                    overrides.replace(model.get_submodule(name), _replay(recorded[name]))
             return model(self.batches[index])
-        finally:
-            for module in patched:
-                del module.forward
+
+
+class Overrides:
+    """Replacements of some modules' `forward` on the instances, all undone together (on
+    leaving a `with` block): each module's class method is its forward again."""
+
+    def __init__(self) -> None:
+        self.modules: list[nn.Module] = []
+
+    def __enter__(self) -> Overrides:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.undo()
+
+    def replace(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        module.forward = forward
+        self.modules.append(module)
+
+    def undo(self) -> None:
+        for module in self.modules:
+            del module.forward
+        self.modules = []
 
 
 def _replay(output: Any) -> Callable[..., Any]:
