@@ -52,9 +52,13 @@ def _held_out_agreement(model, tmp_path):
 
 def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
     """The default recipe's distillation, a few dozen steps on real training frames, from a
-    student that already is the teacher: every validation and the held-out frames agree."""
+    student that already is the teacher: every validation and the held-out frames agree.
+    Every layer of a copy is shared with the teacher, and the recipe trains none of those;
+    here they are trained, so that the recipe's training itself is what is tested."""
     defaults = load_recipe(ROOT / "config" / "build.yaml").stage("distill")
-    settings = DistillSettings(**{**defaults.__dict__, "steps": 36, "validate_every": 12})
+    assert defaults.freeze_shared
+    changes = {"steps": 36, "validate_every": 12, "freeze_shared": False}
+    settings = DistillSettings(**{**defaults.__dict__, **changes})
     frames = load_frames(FrameSource(str(SAMPLE_BAG)))
     student = _model()
     report = distill(student, _model(), frames, settings)
@@ -73,11 +77,14 @@ def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
 def test_a_copy_is_not_moved_at_all(precision):
     """Rounding is no signal: a copy's loss stays within the arithmetic's noise floor, so no
     step is taken and the weights stay bit for bit the teacher's (bf16 copies drifted)."""
-    settings = DistillSettings(steps=6, validate_every=6, precision=precision, validation_frames=20)
+    settings = DistillSettings(
+        steps=6, validate_every=6, precision=precision, validation_frames=20, freeze_shared=False
+    )
     teacher = _model()
     student = _model()
     report = distill(student, teacher, load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.precision == precision
+    assert report.frozen == []
     assert report.steps_held == 6, (report.losses, report.noise_floor)
     original = teacher.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())
@@ -115,6 +122,43 @@ def test_moved_samples_are_trained_on_the_teacher_s_outputs_for_them():
         torch.testing.assert_close(cls, want_cls)
         torch.testing.assert_close(box, want_box)
     assert not cache.store  # nothing cached under the frame's index
+
+
+def _convolutions(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_layers_shared_with_the_teacher_are_not_trained(monkeypatch):
+    """The layers before the first one that differs compute what the teacher's do: they are
+    left as they are, the rest is trained, and every parameter is trainable again after.
+    The weights are checked as trained, not as kept (the kept step may be step 0)."""
+    monkeypatch.setattr(distill_module._Kept, "restore", lambda _self, _model: None)
+    settings = DistillSettings(steps=3, validate_every=3, warmup=0, validation_frames=20)
+    teacher = _model()
+    student = _model()
+    with torch.no_grad():
+        student.backbone.stages[1].in_conv.conv.weight.mul_(0.9)
+    given = distill_module._copied(student)
+    report = distill(student, teacher, load_frames(FrameSource(str(SAMPLE_BAG))), settings)
+    shared = ["backbone.stem.conv", *(n for n in _convolutions(student) if ".stages.0." in n)]
+    assert report.frozen == shared
+    assert report.steps_held == 0
+    trained = {k for k, v in student.state_dict().items() if not torch.equal(v, given[k])}
+    assert trained, "nothing was trained"
+    assert not any(name.startswith(tuple(shared)) for name in trained)
+    assert "backbone.stages.1.in_conv.conv.weight" in trained
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_a_copy_is_shared_whole_and_not_trained():
+    """A copy shares every layer: nothing is left to train, and no step is taken."""
+    settings = DistillSettings(steps=2, validate_every=2, validation_frames=20)
+    student = _model()
+    report = distill(student, _model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
+    assert report.frozen == _convolutions(student)
+    assert report.steps_held == 2
+    original = _model().state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())
 
 
 def _nudged(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,11 +10,13 @@ cannot return a student that validation rates worse than the one it was given.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,10 @@ class DistillSettings:
     tolerance: float = 0.01
     patience: int = 3  # validations in a row further below the best before stopping
     precision: str = "auto"  # bf16 autocast where the CPU (or GPU) has bf16 units
+    # layers that compute exactly what the teacher's do (the same weights on the same
+    # inputs, as the layers before the first pruned one) are not trained: they are already
+    # right, and backward then stops at the first layer that differs (docs/benchmarks.md)
+    freeze_shared: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,7 +134,7 @@ class DistillReport:
     stopped_early: bool = False
     noise_floor: float = 0.0  # loss at or under which a step is held (_noise_floor)
     steps_held: int = 0  # steps whose loss was within it: no update
-    notes: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)  # layers shared with the teacher, not trained
 
 
 def distill(
@@ -167,30 +173,33 @@ def distill(
     losses: list[float] = []
     parts: dict[str, list[float]] = {}
     kept = _Kept(student, validator.score(student, 0), settings.tolerance)
-    started = time.perf_counter()
-    targets = _TeacherCache(teacher, device, precision)
-    floor = _noise_floor(train, targets, weights, settings.batch, device)
-    held = 0
-    for step in range(1, settings.steps + 1):
-        student.train()
-        batch, target = _batch(train, targets, settings, rng, device)
-        with _autocast(device, precision):
-            terms = discrepancy(target, student(batch), weights)
-        total = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(total.detach()))
-        if losses[-1] > floor:
-            _update(student, optimizer, total, settings.lr * schedule(step - 1))
-        else:
-            held += 1
-        for name, value in terms.items():
-            parts.setdefault(name, []).append(float(value.detach()))
-        if progress is not None:
-            progress(step, settings.steps, losses[-1])
-        if step % settings.validate_every == 0 or step == settings.steps:
-            kept.offer(student, validator.score(student, step))
-            if kept.stalled >= settings.patience:
-                break
+    sample = train.picked(range(settings.batch)).to(device)
+    frozen = _shared(student, teacher, sample) if settings.freeze_shared else []
+    with _frozen(student, frozen) as trainable:
+        started = time.perf_counter()
+        targets = _TeacherCache(teacher, device, precision)
+        floor = _noise_floor(train, targets, weights, settings.batch, device)
+        held = 0
+        for step in range(1, settings.steps + 1):
+            student.train()
+            batch, target = _batch(train, targets, settings, rng, device)
+            with _autocast(device, precision):
+                terms = discrepancy(target, student(batch), weights)
+            total = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(total.detach()))
+            if trainable and losses[-1] > floor:
+                _update(student, optimizer, total, settings.lr * schedule(step - 1))
+            else:
+                held += 1
+            for name, value in terms.items():
+                parts.setdefault(name, []).append(float(value.detach()))
+            if progress is not None:
+                progress(step, settings.steps, losses[-1])
+            if step % settings.validate_every == 0 or step == settings.steps:
+                kept.offer(student, validator.score(student, step))
+                if kept.stalled >= settings.patience:
+                    break
     kept.restore(student)
     student.cpu().eval()
     return DistillReport(
@@ -204,6 +213,7 @@ def distill(
         stopped_early=len(losses) < settings.steps,
         noise_floor=floor,
         steps_held=held,
+        frozen=frozen,
     )
 
 
@@ -272,6 +282,76 @@ def _noise_floor(
             terms = discrepancy(targets(picks, batch), targets.teacher(batch), weights)
         worst = max(worst, abs(float(sum(terms.values()))))
     return worst
+
+
+def _shared(student: nn.Module, teacher: nn.Module, batch: torch.Tensor) -> list[str]:
+    """The student's layers that compute exactly what the teacher's layer of the same name
+    does on `batch`: the same parameters, and the same outputs, so the same inputs too.
+
+    Training them could only move them off what is already right; and when they lead the
+    network (the layers before the first pruned one), backward stops where they end, which
+    halved a CPU step (docs/benchmarks.md)."""
+    theirs = dict(teacher.named_modules())
+    candidates = [
+        name
+        for name, module in student.named_modules()
+        if _own(module) and name in theirs and _same_parameters(module, theirs[name])
+    ]
+    ours, reference = _outputs(student, candidates, batch), _outputs(teacher, candidates, batch)
+    return [
+        name
+        for name in candidates
+        if isinstance(ours.get(name), torch.Tensor)
+        and isinstance(reference.get(name), torch.Tensor)
+        and torch.equal(ours[name], reference[name])
+    ]
+
+
+def _outputs(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -> dict[str, Any]:
+    """What the named layers of `model` output on `batch`."""
+    modules = dict(model.named_modules())
+    found: dict[str, Any] = {}
+
+    def record(name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        found[name] = output
+
+    hooks = [modules[name].register_forward_hook(functools.partial(record, name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def _own(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
+
+
+def _same_parameters(ours: nn.Module, theirs: nn.Module) -> bool:
+    mine, other = (
+        dict(ours.named_parameters(recurse=False)),
+        dict(theirs.named_parameters(recurse=False)),
+    )
+    return mine.keys() == other.keys() and all(
+        mine[key].shape == other[key].shape and torch.equal(mine[key], other[key]) for key in mine
+    )
+
+
+@contextlib.contextmanager
+def _frozen(student: nn.Module, names: Sequence[str]) -> Iterator[bool]:
+    """`names`' own parameters untrained for the duration; yields whether any parameter
+    is left to train (none when the student is the teacher)."""
+    modules = dict(student.named_modules())
+    parameters = [p for name in names for p in _own(modules[name]) if p.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield any(p.requires_grad for p in student.parameters())
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -560,6 +640,8 @@ def _produce(
         "tolerance": settings.tolerance,
         "noise_floor": report.noise_floor,
         "steps_held": report.steps_held,
+        "frozen_layers": len(report.frozen),
+        "frozen": report.frozen,
         "final_loss": round(float(np.mean(tail)), 5),
         "validation": report.validation,
         "train_seconds": round(report.seconds, 1),
