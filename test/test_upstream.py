@@ -114,3 +114,25 @@ def test_outputs_changed_in_place_or_not_copyable_are_handled():
         full = changed(x)
         for _ in range(3):
             assert torch.equal(upstream.run(changed, ["c"], 0), full)
+
+
+def test_hooks_are_gone_after_a_pass_that_fails() -> None:
+    """A hook left behind by a failed pass would keep recording on the next one."""
+    from compressed_perception.models.hooks import hooked
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    seen: list[str] = []
+    hooks = [
+        (model[0], lambda *_: seen.append("forward")),
+        (model[1], lambda *_: seen.append("relu")),
+    ]
+    with hooked(hooks):
+        model(torch.zeros(1, 3, 2, 2))
+    assert seen == ["forward", "relu"]
+    with pytest.raises(RuntimeError, match="channels"), hooked(hooks):
+        model(torch.zeros(1, 5, 2, 2))  # wrong channel count: the pass fails in conv
+    with hooked([(model[1], lambda *_: seen.append("pre"))], pre=True):
+        model(torch.zeros(1, 3, 2, 2))
+    model(torch.zeros(1, 3, 2, 2))
+    assert seen == ["forward", "relu", "pre"]
+    assert not model[0]._forward_hooks and not model[1]._forward_pre_hooks

@@ -42,6 +42,7 @@ from compressed_perception.compress.stage import (
 from compressed_perception.datasets import moved
 from compressed_perception.errors import ConfigError
 from compressed_perception.evaluation.coco import agreement
+from compressed_perception.models.hooks import hooked
 from compressed_perception.models.nanodet import DeployModel, NanoDet
 from compressed_perception.runtime.postprocess import Detections, PostprocessConfig, postprocess
 from compressed_perception.runtime.preprocess import Letterbox
@@ -315,13 +316,9 @@ def _outputs(model: nn.Module, names: Sequence[str], batch: torch.Tensor) -> dic
     def record(name: str, _module: nn.Module, _inputs: Any, output: Any) -> None:
         found[name] = output
 
-    hooks = [modules[name].register_forward_hook(functools.partial(record, name)) for name in names]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    hooks = ((modules[name], functools.partial(record, name)) for name in names)
+    with hooked(hooks), torch.no_grad():
+        model(batch)
     return found
 
 

@@ -50,6 +50,7 @@ from compressed_perception.compress.stage import (
 )
 from compressed_perception.compress.upstream import Upstream
 from compressed_perception.errors import ConfigError
+from compressed_perception.models.hooks import hooked
 from compressed_perception.models.nanodet import NanoDet
 
 IMPORTANCE = ("reconstruction", "magnitude")
@@ -347,14 +348,9 @@ def _hooked_pass(
 
         return record
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked((modules[name], hook(name)) for name in names), torch.no_grad():
+        for batch in batches:
+            model(batch)
     return totals
 
 
@@ -506,11 +502,8 @@ class _MacsModel:
             return hook
 
         convs = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d)}
-        handles = [m.register_forward_hook(record(n)) for n, m in convs.items()]
-        with torch.no_grad():
+        with hooked((m, record(n)) for n, m in convs.items()), torch.no_grad():
             model(torch.zeros(1, 3, *model.config.input_size))
-        for handle in handles:
-            handle.remove()
         for name, conv in convs.items():
             kernel = conv.kernel_size[0] * conv.kernel_size[1]
             self.convs[name] = (

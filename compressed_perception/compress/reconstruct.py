@@ -37,6 +37,7 @@ from compressed_perception.compress.linear import (
 from compressed_perception.compress.prune import KEPT, normalized_batches
 from compressed_perception.compress.stage import STUDENT, BuildContext, ModelRef, Stage, Variant
 from compressed_perception.errors import ConfigError, ModelError
+from compressed_perception.models.hooks import hooked
 from compressed_perception.models.nanodet import NanoDet
 
 Progress = Callable[[int, int], None]  # layers done, layers
@@ -171,13 +172,9 @@ def _targets(
 
         return hook
 
-    handles = [modules[name].register_forward_hook(keep(name)) for name in names]
-    try:
+    with hooked((modules[name], keep(name)) for name in names):
         for batch in batches:
             teacher(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
     return found
 
 
@@ -212,13 +209,11 @@ def _input_of(model: nn.Module, name: str, batch: torch.Tensor) -> torch.Tensor:
         seen.append(inputs[0])
         raise _StopForwardError
 
-    handle = model.get_submodule(name).register_forward_pre_hook(hook)
-    try:
+    with (
+        hooked([(model.get_submodule(name), hook)], pre=True),
+        contextlib.suppress(_StopForwardError),
+    ):
         model(batch)
-    except _StopForwardError:
-        pass
-    finally:
-        handle.remove()
     return seen[0]
 
 
@@ -266,32 +261,34 @@ class _Inputs:
     def of(self, conv: str) -> Iterator[torch.Tensor]:
         """Yields the input of `conv` for each batch in turn."""
         self._keep_captured()
-        handles = [self._capture(name) for name in self.ready] if self.replay else []
+        captures = [self._capture(name) for name in self.ready] if self.replay else []
         self.ready = []
         try:
-            for index, batch in enumerate(self.batches):
-                self.batch = index
-                found = _input_of(self.model, conv, batch)
-                if index == 0 and self.kept:
-                    self.batch = None
-                    full = _input_of(self.model, conv, batch)
-                    if not torch.equal(found, full):
-                        self._stop()
-                    found = full
-                yield found
+            with hooked(captures):
+                yield from self._inputs(conv)
         finally:
             self.batch = None
-            for handle in handles:
-                handle.remove()
 
-    def _capture(self, name: str) -> torch.utils.hooks.RemovableHandle:
+    def _inputs(self, conv: str) -> Iterator[torch.Tensor]:
+        for index, batch in enumerate(self.batches):
+            self.batch = index
+            found = _input_of(self.model, conv, batch)
+            if index == 0 and self.kept:
+                self.batch = None
+                full = _input_of(self.model, conv, batch)
+                if not torch.equal(found, full):
+                    self._stop()
+                found = full
+            yield found
+
+    def _capture(self, name: str) -> tuple[nn.Module, Callable[..., None]]:
         outputs = self.captured.setdefault(name, {})
 
         def hook(_m: nn.Module, _inputs: object, output: object) -> None:
             if self.batch is not None:
                 outputs[self.batch] = output
 
-        return self.model.get_submodule(name).register_forward_hook(hook)
+        return self.model.get_submodule(name), hook
 
     def _keep_captured(self) -> None:
         """Replays every module captured for all batches; an outer one replaces the inner."""

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compressed_perception.models.hooks import hooked
+
 
 def calls(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
     """Every submodule that runs, in the order it finishes, with how often it runs."""
@@ -24,13 +26,8 @@ def calls(model: nn.Module, probe: torch.Tensor) -> dict[str, int]:
     def count(name: str) -> Callable[..., None]:
         return lambda *_: found.update({name: found.get(name, 0) + 1})
 
-    handles = [m.register_forward_hook(count(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked((m, count(n)) for n, m in model.named_modules() if n), torch.no_grad():
+        model(probe)
     return found
 
 
@@ -65,12 +62,8 @@ class Upstream:
 
             return hook
 
-        handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-        try:
+        with hooked((model.get_submodule(n), keep(n)) for n in names):
             output = model(batch)
-        finally:
-            for handle in handles:
-                handle.remove()
         self.batches.append(batch)
         self.recorded.append(found)
         return output

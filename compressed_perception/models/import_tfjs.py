@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compressed_perception.errors import ModelError
+from compressed_perception.models.hooks import hooked
 from compressed_perception.models.nanodet import NanoDet, NanoDetConfig
 from compressed_perception.models.tfjs import TfjsGraph
 
@@ -48,18 +49,14 @@ def graph_convolutions(graph: TfjsGraph) -> list[tuple[np.ndarray, np.ndarray]]:
 def execution_order(model: nn.Module) -> list[nn.Conv2d]:
     """The module's convolutions in the order one forward pass runs them."""
     order: list[nn.Conv2d] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
+
+    def record(conv: nn.Module, _inputs: object, _output: object) -> None:
+        order.append(conv)
+
     height, width = getattr(model, "config", NanoDetConfig()).input_size
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, height, width))
-    finally:
-        for hook in hooks:
-            hook.remove()
+    convs = (m for m in model.modules() if isinstance(m, nn.Conv2d))
+    with hooked((conv, record) for conv in convs), torch.no_grad():
+        model(torch.zeros(1, 3, height, width))
     return order
 
 
