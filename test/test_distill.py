@@ -161,6 +161,26 @@ def test_a_copy_is_shared_whole_and_not_trained():
     assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())
 
 
+def test_layers_with_running_statistics_are_never_frozen():
+    """A user's model may keep batch norm: its statistics move in training mode, so it
+    is trained as before even when it starts equal; layers past a changed one are not
+    shared, whatever their weights."""
+
+    def net() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.Conv2d(4, 4, 1),
+            torch.nn.Conv2d(4, 2, 1),
+        )
+
+    teacher, student = net().eval(), net().eval()
+    with torch.no_grad():
+        student[2].weight.mul_(0.5)
+    assert distill_module._shared(student, teacher, torch.rand(2, 3, 8, 8)) == ["0"]
+
+
 def _nudged(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         model.head.preds[0].bias += 1.0

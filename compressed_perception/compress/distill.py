@@ -291,12 +291,16 @@ def _shared(student: nn.Module, teacher: nn.Module, batch: torch.Tensor) -> list
 
     Training them could only move them off what is already right; and when they lead the
     network (the layers before the first pruned one), backward stops where they end, which
-    halved a CPU step (docs/benchmarks.md)."""
+    halved a CPU step (docs/benchmarks.md). A layer with buffers (batch norm's running
+    statistics) changes in training mode without a step, so it is never counted shared."""
     theirs = dict(teacher.named_modules())
     candidates = [
         name
         for name, module in student.named_modules()
-        if _own(module) and name in theirs and _same_parameters(module, theirs[name])
+        if _own(module)
+        and not list(module.buffers(recurse=False))
+        and name in theirs
+        and _same_parameters(module, theirs[name])
     ]
     ours, reference = _outputs(student, candidates, batch), _outputs(teacher, candidates, batch)
     return [
