@@ -134,7 +134,8 @@ class DistillReport:
     precision: str = "fp32"
     stopped_early: bool = False
     noise_floor: float = 0.0  # loss at or under which a step is held (_noise_floor)
-    steps_held: int = 0  # steps whose loss was within it: no update
+    # steps with no update: the loss was within the floor, or no layer was left to train
+    steps_held: int = 0
     frozen: list[str] = field(default_factory=list)  # layers shared with the teacher, not trained
 
 
