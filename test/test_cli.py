@@ -154,10 +154,17 @@ def test_tampered_original_is_refused(tmp_path, capsys, frame_paths, monkeypatch
 def test_default_model_follows_the_backend_asked_for(frame_paths):
     """`--backend onnxruntime` with no model runs the best default ONNX Runtime can run,
     not an error about the OpenVINO model ranked first."""
+    models = FRAMES_DIR.parents[1] / "models"
+    listed = json.loads((models / "default.json").read_text())["artifacts"]
+    kinds = {models / relative: runnable(load_manifest(models / relative)) for relative in listed}
     for backend in ("auto", "onnxruntime", "openvino", "torch"):
-        manifest = load_manifest(resolve_model(None, backend))
-        if backend != "auto":
-            assert backend in runnable(manifest)
+        runs = [
+            p for p, found in kinds.items() if (found if backend == "auto" else backend in found)
+        ]
+        first = runs[0] if runs else models / "nanodet_g" / "manifest.json"
+        assert resolve_model(None, backend) == first, backend
+    # ONNX Runtime is always installed, and the shipped list has an INT8 model it runs
+    assert load_manifest(resolve_model(None, "onnxruntime")).precision == "int8"
 
 
 def test_bench_reports_stages(tmp_path, capsys):

@@ -259,3 +259,65 @@ def test_cameras_waiting_their_turn_are_not_reported_stalled(frames):
     finally:
         detector.release(100)
         core.stop()
+
+
+class FlakyDetector:
+    """Raises on the first call, as a backend may on a GPU error, then detects nothing."""
+
+    max_batch = 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def detect_batch(self, images, names):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        times = StageTimes(preprocess=0.0, inference=1.0, postprocess=0.0)
+        return [FrameResult(Detections.empty(), i.shape[1], i.shape[0], times) for i in images]
+
+
+def test_a_frame_whose_inference_raises_costs_that_frame_not_the_worker(frames):
+    sink = Sink()
+    core = PerceptionCore(FlakyDetector(), ["/cam"], False, sink.publish, sink.warnings.append)
+    image = np.ascontiguousarray(frames[0][:8, :8])
+    core.start()
+    core.on_message(0, _msg(image, 1))
+    deadline = time.monotonic() + 30
+    while core.stats[0].failed == 0:
+        assert time.monotonic() < deadline, "the failure was never counted"
+        time.sleep(0.01)
+    core.on_message(0, _msg(image, 2))
+    sink.wait(1)
+    core.stop()
+    assert [s for _, s, _ in sink.published] == [2]
+    assert core.stats[0].failed == 1 and core.stats[0].processed == 1
+    assert len(sink.warnings) == 1 and "frame not processed: RuntimeError('CUDA" in sink.warnings[0]
+
+
+def test_skipped_frames_warn_in_the_period_they_happened_only(frames):
+    detector, clock, sink = GatedDetector(inference_ms=1.0), Clock(), Sink()
+    core = PerceptionCore(detector, ["/cam"], False, sink.publish, print, clock=clock)
+    image = np.ascontiguousarray(frames[0][:8, :8])
+    bad = _msg(image, 1)
+    bad.encoding = "yuyv"  # 8 pixels wide is fine; 7 cannot be packed in pixel pairs
+    bad.width, bad.step = 7, 14
+    detector.release(100)
+    core.start()
+    try:
+        for period, frames_in in enumerate(([bad, _msg(image, 2)], [_msg(image, 3)])):
+            for message in frames_in:
+                core.on_message(0, message)
+                time.sleep(0.2)  # served one at a time: none replaces another
+            clock.now = period + 1.0
+            (status,) = core.diagnostics("onnxruntime", "m")
+            if period == 0:
+                assert status.level == 1, status
+                assert status.message == (
+                    "1 frames skipped since the last report (in all 1 malformed, 0 failed)"
+                )
+            else:
+                assert (status.level, status.message) == (0, "ok"), status
+                assert status.values["malformed"] == "1"
+    finally:
+        core.stop()

@@ -138,6 +138,8 @@ def test_yuv422_byte_orders(encoding, order):
         (("bgr8", 2, 4, 10, b"\0" * 24), "step 10 is less than width 4 x 3 bytes"),
         (("bgr8", 2, 4, 12, b"\0" * 20), "truncated data: 20 bytes"),
         (("bgr8", 0, 4, 12, b""), "empty image"),
+        (("yuv422", 2, 3, 6, b"\0" * 12), "odd width 3 in yuv422, which packs pixel pairs"),
+        (("yuyv", 2, 5, 10, b"\0" * 20), "odd width 5 in yuyv"),
     ],
 )
 def test_malformed_images_are_refused(fields, message):

@@ -48,6 +48,8 @@ def image_to_bgr(msg: Any, name: str = "image") -> np.ndarray:
     bpp, convert = _DIRECT[encoding]
     if height == 0 or width == 0:
         raise ImageError(f"{name}: empty image ({width}x{height})")
+    if bpp == 2 and width % 2:  # 4:2:2 packs two pixels in four bytes
+        raise ImageError(f"{name}: odd width {width} in {encoding}, which packs pixel pairs")
     if step < width * bpp:
         raise ImageError(
             f"{name}: step {step} is less than width {width} x {bpp} bytes ({encoding})"

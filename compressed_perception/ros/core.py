@@ -52,6 +52,7 @@ class CameraStats:
     processed: int = 0
     dropped: int = 0
     malformed: int = 0
+    failed: int = 0  # decoded frames whose inference or publishing raised
     end_to_end_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     inference_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     last_warning: float = -1e9
@@ -94,7 +95,7 @@ class PerceptionCore:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="perception-worker", daemon=True)
         self._clock = clock
-        self._last_report = (clock(), [(0, 0)] * len(topics))
+        self._last_report = (clock(), [(0, 0, 0)] * len(topics))
 
     def start(self) -> None:
         self._thread.start()
@@ -144,18 +145,24 @@ class PerceptionCore:
                 (camera, pending, self._decode(camera, pending)) for camera, pending in batch
             ]
             ready = [(c, p, image) for c, p, image in decoded if image is not None]
-            if not ready:
-                continue
-            try:
-                results = self.detector.detect_batch(
-                    [image for *_, image in ready], [self.stats[c].topic for c, *_ in ready]
-                )
-            except ImageError as exc:
-                self._throttled_warning(ready[0][0], str(exc))
-                continue
+            if ready:
+                self._serve(ready)
+
+    def _serve(self, ready: list[tuple[int, _Pending, np.ndarray]]) -> None:
+        """Detect and publish one batch; whatever raises costs that batch, never the worker
+        (a node that stopped here would keep receiving and never publish again)."""
+        try:
+            results = self.detector.detect_batch(
+                [image for *_, image in ready], [self.stats[c].topic for c, *_ in ready]
+            )
             for (camera, pending, image), result in zip(ready, results, strict=True):
                 self._publish(camera, pending.message.header, result, image)
                 self._record(camera, pending, result)
+        except Exception as exc:  # the worker must outlive any one frame
+            with self._lock:
+                for camera, *_ in ready:
+                    self.stats[camera].failed += 1
+            self._throttled_warning(ready[0][0], f"frame not processed: {exc!r}")
 
     def _decode(self, camera: int, pending: _Pending) -> np.ndarray | None:
         topic = self.stats[camera].topic
@@ -209,10 +216,13 @@ class PerceptionCore:
             since, counts = self._last_report
             period = _Period(max(now - since, 1e-9), now, stall_after, backend, model)
             statuses = [
-                _status(stats, received, processed, period)
-                for stats, (received, processed) in zip(self.stats, counts, strict=True)
+                _status(stats, before, period)
+                for stats, before in zip(self.stats, counts, strict=True)
             ]
-            self._last_report = (now, [(s.received, s.processed) for s in self.stats])
+            self._last_report = (
+                now,
+                [(s.received, s.processed, s.malformed + s.failed) for s in self.stats],
+            )
         return statuses
 
 
@@ -225,7 +235,10 @@ class _Period:
     model: str
 
 
-def _status(stats: CameraStats, received: int, processed: int, period: _Period) -> CameraStatus:
+def _status(stats: CameraStats, before: tuple[int, int, int], period: _Period) -> CameraStatus:
+    """`before`: frames received, processed and skipped (malformed or failed) at the last
+    report; a skipped frame warns in the period it happened, not forever after."""
+    received, processed, skipped = before
     input_rate = (stats.received - received) / period.elapsed
     output_rate = (stats.processed - processed) / period.elapsed
     e2e = _percentiles(stats.end_to_end_ms)
@@ -236,6 +249,7 @@ def _status(stats: CameraStats, received: int, processed: int, period: _Period) 
         "processed": str(stats.processed),
         "dropped": str(stats.dropped),
         "malformed": str(stats.malformed),
+        "failed": str(stats.failed),
         "latency_p50_ms": f"{e2e[0]:.2f}",
         "latency_p99_ms": f"{e2e[1]:.2f}",
         "inference_p50_ms": f"{_percentiles(stats.inference_ms)[0]:.2f}",
@@ -247,12 +261,19 @@ def _status(stats: CameraStats, received: int, processed: int, period: _Period) 
     if input_rate == 0:
         level, text = 1, "no input"
     elif output_rate == 0 and quiet > period.stall_after:
-        skipped = f" ({stats.malformed} malformed frames skipped)" if stats.malformed else ""
-        level, text = 2, f"input but no output for {quiet:.1f} s{skipped}"
+        lost = stats.malformed + stats.failed
+        why = f" ({stats.malformed} malformed, {stats.failed} failed)" if lost else ""
+        level, text = 2, f"input but no output for {quiet:.1f} s{why}"
     elif output_rate == 0 and stats.last_output is None:
         level, text = 0, "starting: no output yet"
-    elif stats.malformed:
-        level, text = 1, f"{stats.malformed} malformed frames skipped"
+    elif stats.malformed + stats.failed > skipped:
+        level, text = (
+            1,
+            (
+                f"{stats.malformed + stats.failed - skipped} frames skipped since the last report "
+                f"(in all {stats.malformed} malformed, {stats.failed} failed)"
+            ),
+        )
     else:
         level, text = 0, "ok"
     return CameraStatus(f"perception: {stats.topic}", level, text, values)
