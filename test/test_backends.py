@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -110,6 +111,7 @@ def test_missing_model_file_is_named(model_copy):
         ("{", "unreadable model manifest"),
         ('{"format": "other"}', "format 'other'"),
         ('{"format": "compressed_perception/manifest@1"}', "malformed model manifest"),
+        ("[]", "malformed model manifest .*a manifest is a JSON object, got list"),
     ],
 )
 def test_bad_manifest(tmp_path, text, message):
@@ -119,6 +121,29 @@ def test_bad_manifest(tmp_path, text, message):
         load_manifest(path)
 
 
+@pytest.mark.parametrize("artifacts", [{"onnx": "x.onnx"}, ["onnx"]])
+def test_artifacts_of_the_wrong_shape_are_a_malformed_manifest(tmp_path, artifacts):
+    data = json.loads((MODEL_DIR / "manifest.json").read_text())
+    data["artifacts"] = artifacts
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match=r"manifest\.json: malformed model manifest"):
+        load_manifest(tmp_path)
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(ModelError, match="model manifest not found"):
         load_manifest(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+def test_a_manifest_listing_other_classes_than_the_model_scores_is_named(model_copy, frames, kind):
+    from compressed_perception.runtime.detector import Detector
+
+    data = json.loads((model_copy / "manifest.json").read_text())
+    data["classes"] = ["person"]
+    (model_copy / "manifest.json").write_text(json.dumps(data))
+    detector = Detector.open(model_copy, kind)
+    with pytest.raises(
+        ModelError, match=r"manifest\.json: the model scores 80 classes, its manifest lists 1"
+    ):
+        detector.detect(frames[0])

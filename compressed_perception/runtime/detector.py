@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressed_perception.errors import BackendError, ConfigError
+from compressed_perception.errors import BackendError, ConfigError, ModelError
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.backends.base import Backend
 from compressed_perception.runtime.manifest import Manifest, load_manifest
@@ -105,6 +105,11 @@ class Detector:
         inputs = self._letterbox.buffer if static else self._letterbox.buffer[: len(images)]
         boxes, scores = self.backend.infer(inputs)
         inferred = time.perf_counter()
+        if scores.shape[-1] != len(self.labels):
+            raise ModelError(
+                f"{self.manifest.path}: the model scores {scores.shape[-1]} classes, its "
+                f"manifest lists {len(self.labels)}"
+            )
         results = []
         for i, transform in enumerate(transforms):
             begin = time.perf_counter()

@@ -158,11 +158,13 @@ def load_manifest(path: Path) -> Manifest:
         raise ModelError(f"{path}: unreadable model manifest ({exc})") from exc
     try:
         return _parse(data, path.parent)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: malformed model manifest ({type(exc).__name__}: {exc})") from exc
 
 
 def _parse(data: dict[str, Any], folder: Path) -> Manifest:
+    if not isinstance(data, dict):
+        raise TypeError(f"a manifest is a JSON object, got {type(data).__name__}")
     if data.get("format") != FORMAT:
         raise ModelError(f"{folder / 'manifest.json'}: format {data.get('format')!r} != {FORMAT}")
     batch, height, width, channels = data["input"]["shape"]

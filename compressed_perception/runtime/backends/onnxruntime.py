@@ -24,7 +24,12 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # onnxruntime raises its own untyped errors on bad models
             raise BackendError(f"{path}: ONNX Runtime cannot load the model ({exc})") from exc
         self._io = manifest.io
-        self._num_classes = len(manifest.classes)
+        # what the model scores, not what the manifest lists: the detector compares the two
+        scores = next(
+            (o.shape for o in self._session.get_outputs() if o.name == self._io.scores_name), None
+        )
+        classes = scores[-1] if scores else None
+        self._num_classes = classes if isinstance(classes, int) else len(manifest.classes)
         self._binding = self._session.io_binding()
         self._outputs: tuple[np.ndarray, np.ndarray] | None = None
 
