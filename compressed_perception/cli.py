@@ -95,7 +95,7 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--threads", type=int, default=0, help="0: the backend's default")
     bench.add_argument("--size", action="append", metavar="WxH", help="repeatable")
     bench.add_argument("--frames", type=Path, help="video or folder (default: sample frames)")
-    bench.add_argument("--iterations", type=int, default=200)
+    bench.add_argument("--iterations", type=_at_least_one, default=200)
     bench.add_argument("--json", type=Path, metavar="OUT")
     bench.add_argument(
         "--node", action="store_true", help="node overhead over DDS on loopback (a node process)"
@@ -137,7 +137,7 @@ def _add_sample_bag(commands: Any) -> None:
     sample.add_argument("--topic", default="/camera/image_raw")
     sample.add_argument("--frame-id", default="camera")
     sample.add_argument("--first", type=int, default=0)
-    sample.add_argument("--count", type=int)
+    sample.add_argument("--count", type=_at_least_one)
     sample.add_argument("--fps", type=float, default=10.0)
     sample.add_argument("--scale", type=float, default=1.0)
     sample.add_argument("--jpeg-quality", type=int, default=90)
@@ -463,12 +463,29 @@ def _node(args: argparse.Namespace) -> int:
     from compressed_perception.ros.dds_node import run
 
     config = load_config(args.config or find_shared("config/perception.yaml"))
-    domain = (
-        args.domain_id if args.domain_id is not None else int(os.environ.get("ROS_DOMAIN_ID", "0"))
-    )
+    domain = args.domain_id if args.domain_id is not None else _env_domain()
     if not 0 <= domain <= 232:
         raise ConfigError(f"--domain-id: {domain} is outside 0..232")
     return run(config, domain, args.ros_distro)
+
+
+def _env_domain() -> int:
+    value = os.environ.get("ROS_DOMAIN_ID", "0")
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ConfigError(f"ROS_DOMAIN_ID: {value!r} is not a whole number") from exc
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: a count of one or more."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
 
 
 def _carla(args: argparse.Namespace) -> int:

@@ -74,7 +74,7 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "backend",
                 default_value="",
-                choices=["", "auto", "tensorrt", "openvino", "onnxruntime", "torch"],
+                choices=["", "auto", "tensorrt", "openvino", "onnxruntime"],
                 description=f"Inference backend ({FROM_FILE})",
             ),
             DeclareLaunchArgument(

@@ -202,3 +202,13 @@ def test_bench_tells_apart_two_builds_of_one_model():
 def test_bench_rejects_bad_size(capsys):
     code, _, err = _run(capsys, "bench", "--size", "640by480")
     assert code == 2 and "'640by480' is not WIDTHxHEIGHT" in err
+
+
+def test_counts_and_the_environment_are_checked_by_name(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "--model", "nanodet_g", "--iterations", "0"])
+    assert stopped.value.code == 2
+    assert "argument --iterations: 0 is less than 1" in capsys.readouterr().err
+    monkeypatch.setenv("ROS_DOMAIN_ID", "abc")
+    code, _, err = _run(capsys, "node", "--transport", "dds")
+    assert code == 2 and "ROS_DOMAIN_ID: 'abc' is not a whole number" in err

@@ -426,3 +426,14 @@ def test_a_file_that_is_not_a_bag_is_refused(tmp_path, capsys):
     code, _, err = _run(capsys, "replay", notes, "--out", tmp_path / "out")
     assert code == 2
     assert f"{notes}: not a rosbag2 folder (no metadata.yaml) nor a .mcap file" in err
+
+
+def test_a_sample_bag_of_no_pixels_or_no_frames_is_refused_and_not_written(tmp_path, capsys, video):
+    out = tmp_path / "bag"
+    code, _, err = _run(capsys, "make-sample-bag", video, "--out", out, "--scale", "0.0005")
+    assert code == 2 and "scale 0.0005: 768x576 frames would have no pixels" in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as stopped:
+        main(["make-sample-bag", str(video), "--out", str(out), "--count", "0"])
+    assert stopped.value.code == 2 and "--count: 0 is less than 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -5,6 +5,8 @@ Shared by the rclpy node and the DDS transport, so both configure the node the s
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from compressed_perception.ros.config import (
 from compressed_perception.ros.names import check_topic, output_topic, resolve_topic
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "nanodet_g"
 PARAMS_FILE = ROOT / "config" / "perception.yaml"
 NAMESPACES = ("/", "/ego", "/ego/front")
 
@@ -224,3 +227,34 @@ def test_ros_own_parameters_are_not_unknown():
         "qos_override",
     ]
     assert unknown_parameters(names) == ["qos_override", "score_treshold"]
+
+
+# --- values a params file may hold that no node can use ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("diagnostics_period", float("nan"), "must be a finite number"),
+        ("diagnostics_period", float("inf"), "must be a finite number"),
+        ("max_detections", float("inf"), "must be a finite number"),
+        ("max_detections", 1.5, "must be a whole number"),
+        ("threads", -1, "threads: must be >= 0"),
+        ("backend", "torch", "backend: 'torch' is not one of auto, tensorrt"),
+    ],
+)
+def test_unusable_values_are_refused_by_name(tmp_path, name, value, problem):
+    path = _write(tmp_path, {"/**/perception_node": {"ros__parameters": {name: value}}})
+    with pytest.raises(ConfigError, match=problem):
+        load_config(path)
+
+
+def test_a_model_only_pytorch_runs_is_refused_by_the_node(tmp_path):
+    from compressed_perception.ros.core import detector_from_config
+
+    data = json.loads((MODEL_DIR / "manifest.json").read_text())
+    data["artifacts"] = {"torch": data["artifacts"]["torch"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    shutil.copyfile(MODEL_DIR / "nanodet_g.pt", tmp_path / "nanodet_g.pt")
+    with pytest.raises(ConfigError, match=r"manifest\.json runs only on torch; the node runs"):
+        detector_from_config(NodeConfig(model=str(tmp_path)))

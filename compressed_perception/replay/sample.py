@@ -33,6 +33,8 @@ class SampleOptions:
 
 def make_sample_bag(video: Path, out: Path, options: SampleOptions) -> int:
     """Write frames [first, first + count) as Image or CompressedImage; returns the count."""
+    if options.count is not None and options.count < 1:
+        raise ConfigError(f"count {options.count}: need at least 1 frame")
     if options.fps <= 0 or not 0 < options.scale <= 1 or not 1 <= options.jpeg_quality <= 100:
         raise ConfigError(
             f"fps {options.fps}, scale {options.scale}, jpeg quality {options.jpeg_quality}: "
@@ -68,6 +70,10 @@ def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1:
         return image
     size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+    if min(size) < 1:
+        raise ConfigError(
+            f"scale {scale}: {image.shape[1]}x{image.shape[0]} frames would have no pixels"
+        )
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 

@@ -8,6 +8,7 @@ identically, and both refuse a parameter they do not know.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -27,7 +28,10 @@ from compressed_perception.ros.names import (
 from compressed_perception.runtime.backends import BACKENDS
 
 QOS_CHOICES = ("sensor_data", "reliable")
-BACKEND_CHOICES = BACKENDS
+# A node runs exported models: the PyTorch backend is for the offline build's tools, and
+# the ROS side never imports torch
+NODE_EXCLUDED_BACKENDS = ("torch",)
+BACKEND_CHOICES = tuple(b for b in BACKENDS if b not in NODE_EXCLUDED_BACKENDS)
 PARAMS_KEY = "ros__parameters"
 # Parameters ROS itself declares on nodes (rclpy's TimeSource; Jazzy's type description
 # service; rclpy's per-endpoint QoS overrides): a shared `/**` params file may set them.
@@ -71,8 +75,10 @@ class NodeConfig:
                 "in each camera's namespace)"
             )
         check_topic(self.detections_topic, "detections_topic")
-        if self.diagnostics_period <= 0:
+        if not (math.isfinite(self.diagnostics_period) and self.diagnostics_period > 0):
             raise ConfigError(f"diagnostics_period: must be > 0, got {self.diagnostics_period}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0 (0: the backend's own), got {self.threads}")
         self.check_topics()
 
     def input_topic(self, camera: str) -> str:
@@ -172,6 +178,10 @@ def from_parameters(values: dict[str, Any], source: str) -> NodeConfig:
         elif isinstance(default, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{source}: {f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: {f.name} must be a finite number, got {value!r}")
+            if isinstance(default, int) and value != int(value):
+                raise ConfigError(f"{source}: {f.name} must be a whole number, got {value!r}")
             value = type(default)(value)
         else:
             value = str(value)

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from compressed_perception.errors import ImageError
+from compressed_perception.errors import ConfigError, ImageError
 from compressed_perception.resources import resolve_model
-from compressed_perception.ros.config import NodeConfig
+from compressed_perception.ros.config import BACKEND_CHOICES, NODE_EXCLUDED_BACKENDS, NodeConfig
 from compressed_perception.ros.convert import compressed_to_bgr, image_to_bgr
-from compressed_perception.runtime.backends import open_backend
+from compressed_perception.runtime.backends import choose, open_backend
 from compressed_perception.runtime.detector import Detector, FrameResult
 from compressed_perception.runtime.manifest import load_manifest
 from compressed_perception.runtime.postprocess import PostprocessConfig
@@ -321,5 +321,11 @@ def detector_from_config(config: NodeConfig) -> Detector:
         max_detections=config.max_detections,
         class_ids=manifest.class_ids(config.classes),
     )
-    backend = open_backend(manifest, config.backend, threads=config.threads)
+    kind = choose(manifest) if config.backend == "auto" else config.backend
+    if kind in NODE_EXCLUDED_BACKENDS:
+        raise ConfigError(
+            f"model: {manifest.path} runs only on {kind}; the node runs exported models "
+            f"({', '.join(b for b in BACKEND_CHOICES if b != 'auto')})"
+        )
+    backend = open_backend(manifest, kind, threads=config.threads)
     return Detector(manifest, backend, postprocess)
