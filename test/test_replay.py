@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -19,8 +20,9 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 import compressed_perception
 from compressed_perception.cli import main
+from compressed_perception.errors import PerceptionError
 from compressed_perception.replay.bag import BagError, new_bag
-from compressed_perception.replay.replay import ReplayOptions, replay
+from compressed_perception.replay.replay import ReplayOptions, _truth_detections, replay
 from compressed_perception.ros.convert import VisionTypes, detection_array
 from compressed_perception.ros.messages import (
     COMPRESSED_IMAGE,
@@ -29,6 +31,7 @@ from compressed_perception.ros.messages import (
     typestore,
 )
 from compressed_perception.runtime.detector import Detector
+from compressed_perception.runtime.manifest import load_manifest
 
 from conftest import MODEL_DIR
 
@@ -437,3 +440,32 @@ def test_a_sample_bag_of_no_pixels_or_no_frames_is_refused_and_not_written(tmp_p
         main(["make-sample-bag", str(video), "--out", str(out), "--count", "0"])
     assert stopped.value.code == 2 and "--count: 0 is less than 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_ground_truth_without_a_class_or_with_a_foreign_one_is_named():
+    manifest = load_manifest(MODEL_DIR)
+
+    def det(results):
+        centre = types.SimpleNamespace(position=types.SimpleNamespace(x=5.0, y=5.0))
+        box = types.SimpleNamespace(center=centre, size_x=4.0, size_y=4.0)
+        return types.SimpleNamespace(bbox=box, results=results)
+
+    def hypothesis(label):
+        return [types.SimpleNamespace(hypothesis=types.SimpleNamespace(class_id=label))]
+
+    where = "/cam/truth at 1.0"
+    found = _truth_detections(
+        types.SimpleNamespace(detections=[det(hypothesis("car"))]), manifest, where
+    )
+    assert found.class_ids.tolist() == [manifest.classes.index("car")]
+    with pytest.raises(
+        PerceptionError, match=r"^/cam/truth at 1\.0: a ground-truth detection without a class"
+    ):
+        _truth_detections(types.SimpleNamespace(detections=[det([])]), manifest, where)
+    with pytest.raises(
+        PerceptionError,
+        match=r"^/cam/truth at 1\.0: ground-truth label not in the model .*'pedestrian'",
+    ):
+        _truth_detections(
+            types.SimpleNamespace(detections=[det(hypothesis("pedestrian"))]), manifest, where
+        )

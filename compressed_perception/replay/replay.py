@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from compressed_perception.benchmark import percentiles
-from compressed_perception.errors import ImageError, PerceptionError
+from compressed_perception.errors import ConfigError, ImageError, PerceptionError
 from compressed_perception.replay.bag import (
     BagError,
     bag_typestore,
@@ -314,7 +314,9 @@ class _Stats:
             coco = evaluation.load_coco_ground_truth(Path(source), labels)
             truth = {name: gt for name, (_, _, gt) in coco.items()}
         else:
-            truth = {k: _truth_detections(m, manifest) for k, m in self.truth.items()}
+            truth = {
+                k: _truth_detections(m, manifest, f"{source} at {k}") for k, m in self.truth.items()
+            }
         matched = 0
         for key, size, found, _ in self.evaluated:
             gt = truth.get(key, truth.get(key.split("/")[-1]))
@@ -330,15 +332,23 @@ class _Stats:
         }
 
 
-def _truth_detections(message: Any, manifest: Manifest) -> Detections:
-    """A ground-truth Detection2DArray; class_id is a label or index of the model's classes."""
-    boxes = []
+def _truth_detections(message: Any, manifest: Manifest, where: str) -> Detections:
+    """A ground-truth Detection2DArray; class_id is a label or index of the model's classes.
+
+    `where` (topic and frame) names the message in any error."""
+    boxes, names = [], []
     for det in message.detections:
+        if not det.results:
+            raise PerceptionError(f"{where}: a ground-truth detection without a class (results [])")
         cx, cy = det.bbox.center.position.x, det.bbox.center.position.y
         w, h = det.bbox.size_x, det.bbox.size_y
         boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
-    names = [det.results[0].hypothesis.class_id for det in message.detections]
-    return Detections.ground_truth(boxes, manifest.class_ids(names) or ())
+        names.append(det.results[0].hypothesis.class_id)
+    try:
+        ids = manifest.class_ids(names) or ()
+    except ConfigError as exc:
+        raise PerceptionError(f"{where}: ground-truth label not in the model ({exc})") from exc
+    return Detections.ground_truth(boxes, ids)
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float]:
