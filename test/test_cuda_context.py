@@ -274,3 +274,20 @@ def test_cuda_python_context_follows_the_same_thread_rule(monkeypatch):
     context.close()
     # the runtime owns the primary context: it is selected, never pushed or released
     assert runtime.calls == [("cudaSetDevice", 0)] * 2
+
+
+def test_a_real_context_leaves_the_driver_stack_as_it_found_it():
+    """The simulation above, checked against the real driver where pycuda and a GPU are."""
+    pytest.importorskip("pycuda.driver", reason="pycuda is not installed (a GPU machine's extra)")
+    try:
+        cuda.device_info()
+    except BackendError as exc:
+        pytest.skip(f"pycuda sees no CUDA GPU here ({exc})")
+    stack = cuda._DriverStack()
+    before = stack.current()
+    for _ in range(2):  # a second context, after the first is closed, works as well
+        context = cuda.Context()
+        with context.active():
+            assert stack.current() != 0
+        context.close()
+        assert stack.current() == before
