@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PerceptionError as exc:
         print(f"compressed-perception: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path given on the command line: OSError names it
+        print(f"compressed-perception: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

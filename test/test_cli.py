@@ -212,3 +212,12 @@ def test_counts_and_the_environment_are_checked_by_name(capsys, monkeypatch):
     monkeypatch.setenv("ROS_DOMAIN_ID", "abc")
     code, _, err = _run(capsys, "node", "--transport", "dds")
     assert code == 2 and "ROS_DOMAIN_ID: 'abc' is not a whole number" in err
+
+
+def test_an_output_path_that_cannot_be_made_is_named(tmp_path, capsys, frame_paths):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    code, _, err = _run(
+        capsys, "detect", frame_paths[0], "--model", "nanodet_g", "--annotate", blocker / "sub"
+    )
+    assert code == 2 and f"Not a directory: '{blocker / 'sub'}'" in err
