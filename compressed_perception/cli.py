@@ -250,6 +250,7 @@ def _detect(args: argparse.Namespace) -> int:
     backend = open_backend(manifest, args.backend, threads=args.threads)
     detector = Detector(manifest, backend, config)
     summary = _Summary(detector.labels)
+    names = _AnnotatedNames()
     with _json_sink(args.json) as sink:
         for frame in frames(paths):
             result = detector.detect(frame.image, name=f"{frame.source} frame {frame.index}")
@@ -259,7 +260,7 @@ def _detect(args: argparse.Namespace) -> int:
                 sink.write(json.dumps(record) + "\n")
             if args.annotate:
                 drawn = annotate(frame.image, result.detections, detector.labels)
-                _write_image(args.annotate / _frame_name(frame.source, frame.index), drawn)
+                _write_image(args.annotate / names(frame.source, frame.index), drawn)
     print(summary.report(backend.name, manifest.path))
     return 0
 
@@ -298,9 +299,25 @@ def _json_sink(path: Path | None) -> Iterator[TextIO | None]:
         yield stream
 
 
-def _frame_name(source: str, index: int) -> str:
-    path = Path(source)
-    return f"{path.stem}_{index:05d}.jpg" if index or _is_video(path) else f"{path.stem}.jpg"
+class _AnnotatedNames:
+    """Annotated frames' file names: the source's stem, numbered where two sources share
+    one (a/x.jpg and b/x.jpg), so that no frame overwrites another's."""
+
+    def __init__(self) -> None:
+        self._stems: dict[str, str] = {}
+
+    def __call__(self, source: str, index: int) -> str:
+        stem = self._stems.get(source)
+        if stem is None:
+            base = stem = Path(source).stem
+            taken = set(self._stems.values())
+            number = 1
+            while stem in taken:
+                number += 1
+                stem = f"{base}-{number}"
+            self._stems[source] = stem
+        video = index or _is_video(Path(source))
+        return f"{stem}_{index:05d}.jpg" if video else f"{stem}.jpg"
 
 
 def _is_video(path: Path) -> bool:

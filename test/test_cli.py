@@ -221,3 +221,18 @@ def test_an_output_path_that_cannot_be_made_is_named(tmp_path, capsys, frame_pat
         capsys, "detect", frame_paths[0], "--model", "nanodet_g", "--annotate", blocker / "sub"
     )
     assert code == 2 and f"Not a directory: '{blocker / 'sub'}'" in err
+
+
+def test_annotated_frames_of_sources_sharing_a_name_do_not_overwrite(tmp_path, capsys, frame_paths):
+    for folder, source in (("a", frame_paths[0]), ("b", frame_paths[1])):
+        (tmp_path / folder).mkdir()
+        shutil.copyfile(source, tmp_path / folder / "x.jpg")
+    out = tmp_path / "annotated"
+    code, _, err = _run(
+        capsys, "detect", tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg",
+        "--model", "nanodet_g", "--annotate", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["x-2.jpg", "x.jpg"]
+    first, second = (cv2.imread(str(out / name)) for name in ("x.jpg", "x-2.jpg"))
+    assert np.abs(first.astype(int) - second.astype(int)).mean() > 1  # two different frames
