@@ -320,6 +320,18 @@ def test_coco_json_ground_truth(tmp_path, capsys, small_bag):
     assert "ground truth: mAP@[.5:.95] 0.000" in stdout
 
 
+def test_a_bad_coco_file_is_refused_before_the_replay(tmp_path, capsys, small_bag, monkeypatch):
+    pytest.importorskip("pycocotools", reason=NO_COCO)
+    path = tmp_path / "gt.json"
+    path.write_text("{not json")
+    replayed = []
+    monkeypatch.setattr(Detector, "detect_batch", lambda *a, **k: replayed.append(a))
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "replay", small_bag, "--out", out, "--ground-truth", path)
+    assert code == 2 and str(path) in err
+    assert replayed == [] and not out.exists()
+
+
 def test_workers_replay_several_bags(tmp_path, capsys, small_bag):
     second = tmp_path / "second"
     shutil.copytree(small_bag, second)

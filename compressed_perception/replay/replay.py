@@ -89,12 +89,7 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     """Replay one bag; returns the metrics (also for frames that failed to decode)."""
     in_bag, out_bag = Path(in_bag), Path(out_bag)
     manifest = load_manifest(options.model)
-    evaluating = options.reference is not None or options.ground_truth is not None
-    run_config = options.postprocess
-    if evaluating:
-        coco_evaluation("--reference and --ground-truth")  # fail before the replay, not after
-        lowest = min(run_config.score_threshold, EVAL_SCORE_THRESHOLD)
-        run_config = replace(run_config, score_threshold=lowest)
+    run_config, coco_truth = _evaluation(options, manifest)
     backend = open_backend(manifest, options.backend, threads=options.threads)
     detector = Detector(manifest, backend, run_config)
     reference = _reference_detector(options)
@@ -160,7 +155,7 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
     if options.reference is not None:
         metrics["agreement"] = stats.agreement(detector.labels)
     if options.ground_truth is not None:
-        metrics["ground_truth"] = stats.ground_truth(options.ground_truth, manifest)
+        metrics["ground_truth"] = stats.ground_truth(options.ground_truth, manifest, coco_truth)
     return metrics
 
 
@@ -192,6 +187,27 @@ def _truth_topic(reader: Any, ground_truth: str | None, path: Path) -> Any:
                 raise BagError(f"{path}: ground-truth topic {ground_truth} is {connection.msgtype}")
             return connection
     raise BagError(f"{path}: no ground-truth topic {ground_truth} in the bag")
+
+
+def _evaluation(
+    options: ReplayOptions, manifest: Manifest
+) -> tuple[PostprocessConfig, dict[str, Detections] | None]:
+    """What evaluating needs, checked before the replay rather than after it: pycocotools,
+    a COCO ground-truth file, and a score threshold low enough for mAP to see the curve."""
+    run_config = options.postprocess
+    if options.reference is not None or options.ground_truth is not None:
+        coco_evaluation("--reference and --ground-truth")
+        lowest = min(run_config.score_threshold, EVAL_SCORE_THRESHOLD)
+        run_config = replace(run_config, score_threshold=lowest)
+    return run_config, _coco_truth(options.ground_truth, manifest)
+
+
+def _coco_truth(ground_truth: str | None, manifest: Manifest) -> dict[str, Detections] | None:
+    """A COCO file's ground truth per image file name; None for a topic or no ground truth."""
+    if ground_truth is None or not _is_coco_file(ground_truth):
+        return None
+    load = coco_evaluation("--ground-truth").load_coco_ground_truth
+    return {name: gt for name, (_, _, gt) in load(Path(ground_truth), manifest.classes).items()}
 
 
 def _is_coco_file(ground_truth: str) -> bool:
@@ -306,13 +322,14 @@ class _Stats:
         sizes = [size for _, size, _, ref in self.evaluated if ref is not None]
         return agreement(reference, candidate, sizes, labels).to_dict()
 
-    def ground_truth(self, source: str, manifest: Manifest) -> dict[str, Any]:
-        evaluation = coco_evaluation("--ground-truth")
-        labels = manifest.classes
-        evaluator = evaluation.CocoEvaluator(labels)
-        if _is_coco_file(source):
-            coco = evaluation.load_coco_ground_truth(Path(source), labels)
-            truth = {name: gt for name, (_, _, gt) in coco.items()}
+    def ground_truth(
+        self, source: str, manifest: Manifest, coco: dict[str, Detections] | None
+    ) -> dict[str, Any]:
+        """`coco`: the ground truth of a COCO file, read before the replay; else `source` is
+        the bag's ground-truth topic."""
+        evaluator = coco_evaluation("--ground-truth").CocoEvaluator(manifest.classes)
+        if coco is not None:
+            truth = coco
         else:
             truth = {
                 k: _truth_detections(m, manifest, f"{source} at {k}") for k, m in self.truth.items()
