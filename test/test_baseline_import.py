@@ -6,14 +6,15 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from compressed_perception.compress.baseline import SOURCE_FILES, build_baseline
-from compressed_perception.errors import IntegrityError, ModelError
-from compressed_perception.models.checkpoint import load_checkpoint
-from compressed_perception.runtime.manifest import load_manifest, sha256_file
+torch = pytest.importorskip("torch", reason="importing the baseline needs the build extra (torch)")
 
-from conftest import MODEL_DIR
+from compressed_perception.compress.baseline import SOURCE_FILES, build_baseline  # noqa: E402
+from compressed_perception.errors import IntegrityError, ModelError  # noqa: E402
+from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
+from compressed_perception.runtime.manifest import load_manifest, sha256_file  # noqa: E402
+
+from conftest import MODEL_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_failed_render_keeps_previous_report(tmp_path, monkeypatch):
     write_report(_report(), tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in FILES}
     monkeypatch.setattr(report_module, "render_plot", _raise)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="renderer crashed"):
         write_report(_report(skipped={}), tmp_path)
     assert {name: (tmp_path / name).read_bytes() for name in FILES} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)

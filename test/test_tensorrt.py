@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
+
+pytest.importorskip("onnx", reason="the TensorRT stage's graph checks need the build extra (onnx)")
 from onnx import TensorProto, helper, numpy_helper, save
 
 from compressed_perception.compress import tensorrt as trt_stage

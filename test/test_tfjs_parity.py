@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from compressed_perception.errors import ModelError
-from compressed_perception.models.checkpoint import load_checkpoint
-from compressed_perception.models.tfjs import TfjsGraph
-from compressed_perception.runtime.preprocess import Letterbox
+torch = pytest.importorskip("torch", reason="the imported model needs the build extra (torch)")
 
-from conftest import MODEL_DIR
+from compressed_perception.errors import ModelError  # noqa: E402
+from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
+from compressed_perception.models.tfjs import TfjsGraph  # noqa: E402
+from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
+
+from conftest import MODEL_DIR  # noqa: E402
 
 TOLERANCE = 1e-4
 
