@@ -45,8 +45,10 @@ def _depth(dtype: np.dtype) -> str:
 class LetterboxTransform:
     """Maps boxes between original-image and network-input pixels: `net = orig * scale + pad`.
 
-    `scale` is the exact ratio, while the resized image was rounded to whole pixels, so
-    the mapping is off by at most 0.5 px at the far edge of the image.
+    `scale` is the exact ratio, while the resized image's shorter side was rounded to
+    whole pixels, so along that side the mapping is off by at most 0.5 network pixels
+    (0.5 / scale image pixels) at the far edge; none for sizes whose ratio gives whole
+    pixels (768x576, 640x480, 1280x720 and 1920x1080 into 416x416).
     """
 
     scale: float
