@@ -321,3 +321,28 @@ def test_skipped_frames_warn_in_the_period_they_happened_only(frames):
                 assert status.values["malformed"] == "1"
     finally:
         core.stop()
+
+
+def test_a_frame_whose_publishing_raises_is_counted_failed_not_processed(static_detector, frames):
+    sink = Sink()
+    calls = []
+
+    def publish(camera, header, result, image):
+        calls.append(header.stamp.sec)
+        if len(calls) == 1:
+            raise RuntimeError("publisher's context is invalid")
+        sink.publish(camera, header, result, image)
+
+    core = PerceptionCore(static_detector, ["/cam"], False, publish, sink.warnings.append)
+    core.start()
+    core.on_message(0, _msg(frames[0], 1))
+    deadline = time.monotonic() + 30
+    while core.stats[0].failed == 0:
+        assert time.monotonic() < deadline, "the failure was never counted"
+        time.sleep(0.01)
+    core.on_message(0, _msg(frames[1], 2))
+    sink.wait(1)
+    core.stop()
+    assert calls == [1, 2] and [s for _, s, _ in sink.published] == [2]
+    assert (core.stats[0].failed, core.stats[0].processed) == (1, 1)
+    assert "frame not processed: RuntimeError(\"publisher's context" in sink.warnings[0]

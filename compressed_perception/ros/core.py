@@ -151,6 +151,7 @@ class PerceptionCore:
     def _serve(self, ready: list[tuple[int, _Pending, np.ndarray]]) -> None:
         """Detect and publish one batch; whatever raises costs that batch, never the worker
         (a node that stopped here would keep receiving and never publish again)."""
+        done = 0
         try:
             results = self.detector.detect_batch(
                 [image for *_, image in ready], [self.stats[c].topic for c, *_ in ready]
@@ -158,11 +159,15 @@ class PerceptionCore:
             for (camera, pending, image), result in zip(ready, results, strict=True):
                 self._publish(camera, pending.message.header, result, image)
                 self._record(camera, pending, result)
+                done += 1
         except Exception as exc:  # the worker must outlive any one frame
-            with self._lock:
-                for camera, *_ in ready:
-                    self.stats[camera].failed += 1
-            self._throttled_warning(ready[0][0], f"frame not processed: {exc!r}")
+            self._failed([camera for camera, *_ in ready[done:]], f"frame not processed: {exc!r}")
+
+    def _failed(self, cameras: list[int], text: str) -> None:
+        with self._lock:
+            for camera in cameras:
+                self.stats[camera].failed += 1
+        self._throttled_warning(cameras[0], text)
 
     def _decode(self, camera: int, pending: _Pending) -> np.ndarray | None:
         topic = self.stats[camera].topic
@@ -174,6 +179,9 @@ class PerceptionCore:
             with self._lock:
                 self.stats[camera].malformed += 1
             self._throttled_warning(camera, f"skipped malformed frame: {exc}")
+            return None
+        except Exception as exc:  # not the frame's fault, but it must not stop the worker
+            self._failed([camera], f"frame not decoded: {exc!r}")
             return None
 
     def _record(self, camera: int, pending: _Pending, result: FrameResult) -> None:
