@@ -304,18 +304,19 @@ class _AnnotatedNames:
     one (a/x.jpg and b/x.jpg), so that no frame overwrites another's."""
 
     def __init__(self) -> None:
-        self._stems: dict[str, str] = {}
+        self._stems: dict[str, str] = {}  # source -> its stem
+        self._taken: set[str] = set()  # the stems given so far: a folder may hold thousands
 
     def __call__(self, source: str, index: int) -> str:
         stem = self._stems.get(source)
         if stem is None:
             base = stem = Path(source).stem
-            taken = set(self._stems.values())
             number = 1
-            while stem in taken:
+            while stem in self._taken:
                 number += 1
                 stem = f"{base}-{number}"
             self._stems[source] = stem
+            self._taken.add(stem)
         video = index or _is_video(Path(source))
         return f"{stem}_{index:05d}.jpg" if video else f"{stem}.jpg"
 

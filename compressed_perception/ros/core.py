@@ -60,6 +60,11 @@ class CameraStats:
     first_input: float | None = None  # clock time of the first frame received
     last_output: float | None = None  # clock time of the latest frame published
 
+    @property
+    def skipped(self) -> int:
+        """Frames received but never published: malformed, or failed."""
+        return self.malformed + self.failed
+
 
 @dataclass(frozen=True)
 class CameraStatus:
@@ -229,7 +234,7 @@ class PerceptionCore:
             ]
             self._last_report = (
                 now,
-                [(s.received, s.processed, s.malformed + s.failed) for s in self.stats],
+                [(s.received, s.processed, s.skipped) for s in self.stats],
             )
         return statuses
 
@@ -269,18 +274,15 @@ def _status(stats: CameraStats, before: tuple[int, int, int], period: _Period) -
     if input_rate == 0:
         level, text = 1, "no input"
     elif output_rate == 0 and quiet > period.stall_after:
-        lost = stats.malformed + stats.failed
-        why = f" ({stats.malformed} malformed, {stats.failed} failed)" if lost else ""
+        why = f" ({stats.malformed} malformed, {stats.failed} failed)" if stats.skipped else ""
         level, text = 2, f"input but no output for {quiet:.1f} s{why}"
     elif output_rate == 0 and stats.last_output is None:
         level, text = 0, "starting: no output yet"
-    elif stats.malformed + stats.failed > skipped:
-        level, text = (
-            1,
-            (
-                f"{stats.malformed + stats.failed - skipped} frames skipped since the last report "
-                f"(in all {stats.malformed} malformed, {stats.failed} failed)"
-            ),
+    elif stats.skipped > skipped:
+        level = 1
+        text = (
+            f"{stats.skipped - skipped} frames skipped since the last report "
+            f"(in all {stats.malformed} malformed, {stats.failed} failed)"
         )
     else:
         level, text = 0, "ok"
