@@ -100,21 +100,22 @@ def test_geometry_and_placement(src, dst, resized, pad):
     (new_w, new_h), (pad_x, pad_y) = resized, pad
     assert (transform.pad_x, transform.pad_y) == (pad_x, pad_y)
     assert (transform.src_width, transform.src_height) == src
-    assert transform.scale == pytest.approx(min(dst[0] / src[0], dst[1] / src[1]))
+    assert (transform.scale_x, transform.scale_y) == (new_w / src[0], new_h / src[1])
     frame = letterbox.buffer[0]
     inside = np.zeros(frame.shape[:2], bool)
     inside[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = True
     assert np.all(frame[inside] == color)
     assert np.all(frame[~inside] == PAD)
+    # the image's edges land on the content's exactly, along the rounded side too
     full = transform.to_network(np.array([[0, 0, *src]]))[0]
-    np.testing.assert_allclose(full, [pad_x, pad_y, pad_x + new_w, pad_y + new_h], atol=0.5)
+    np.testing.assert_allclose(full, [pad_x, pad_y, pad_x + new_w, pad_y + new_h], atol=1e-4)
 
 
 def test_upscaling_matches_a_plain_resize():
     image = np.random.default_rng(1).integers(0, 256, (3, 5, 3), np.uint8)
     letterbox = Letterbox(100, 80)
     transform = letterbox(image)
-    assert transform.scale == 20.0
+    assert (transform.scale_x, transform.scale_y) == (20.0, 20.0)
     assert (transform.pad_x, transform.pad_y) == (0.0, 10.0)
     expected = cv2.resize(image, (100, 60), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_array_equal(letterbox.buffer[0, 10:70], expected)
@@ -124,7 +125,12 @@ def test_same_size_is_copied_exactly():
     image = np.random.default_rng(2).integers(0, 256, (48, 64, 3), np.uint8)
     letterbox = Letterbox(64, 48)
     transform = letterbox(image)
-    assert (transform.scale, transform.pad_x, transform.pad_y) == (1.0, 0.0, 0.0)
+    assert (transform.scale_x, transform.scale_y, transform.pad_x, transform.pad_y) == (
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    )
     np.testing.assert_array_equal(letterbox.buffer[0], image)
 
 
@@ -147,17 +153,17 @@ def test_non_contiguous_images_equal_their_contiguous_copy(view, size):
 
 
 def test_to_original_clips_to_the_image_and_copies():
-    transform = LetterboxTransform(0.5, 0.0, 10.0, src_width=200, src_height=100)
-    network = np.array([[-20, 0, 120, 80], [10, 15, 20, 25]], np.float32)
+    transform = LetterboxTransform(0.5, 0.25, 0.0, 10.0, src_width=200, src_height=100)
+    network = np.array([[-20, 0, 120, 40], [10, 15, 20, 25]], np.float32)
     original = transform.to_original(network)
     assert original.dtype == np.float32
-    np.testing.assert_array_equal(original, [[0, 0, 200, 100], [20, 10, 40, 30]])
-    np.testing.assert_array_equal(network[0], [-20, 0, 120, 80])  # input left alone
+    np.testing.assert_array_equal(original, [[0, 0, 200, 100], [20, 20, 40, 60]])
+    np.testing.assert_array_equal(network[0], [-20, 0, 120, 40])  # input left alone
     np.testing.assert_array_equal(transform.to_network(original[1:]), network[1:])
 
 
 def test_empty_box_list_maps_to_empty():
-    transform = LetterboxTransform(2.0, 3.0, 4.0, src_width=10, src_height=10)
+    transform = LetterboxTransform(2.0, 2.0, 3.0, 4.0, src_width=10, src_height=10)
     assert transform.to_original(np.zeros((0, 4), np.float32)).shape == (0, 4)
 
 

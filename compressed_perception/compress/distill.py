@@ -486,8 +486,8 @@ def _placed(frame: np.ndarray, settings: DistillSettings, rng: np.random.Generat
 def _content(transform: Any, width: int, height: int) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the image inside the letterboxed input."""
     top, left = int(transform.pad_y), int(transform.pad_x)
-    bottom = min(height, round(transform.pad_y + transform.src_height * transform.scale))
-    right = min(width, round(transform.pad_x + transform.src_width * transform.scale))
+    bottom = min(height, round(transform.pad_y + transform.src_height * transform.scale_y))
+    right = min(width, round(transform.pad_x + transform.src_width * transform.scale_x))
     return top, left, bottom, right
 
 

@@ -45,13 +45,13 @@ def _depth(dtype: np.dtype) -> str:
 class LetterboxTransform:
     """Maps boxes between original-image and network-input pixels: `net = orig * scale + pad`.
 
-    `scale` is the exact ratio, while the resized image's shorter side was rounded to
-    whole pixels, so along that side the mapping is off by at most 0.5 network pixels
-    (0.5 / scale image pixels) at the far edge; none for sizes whose ratio gives whole
-    pixels (768x576, 640x480, 1280x720 and 1920x1080 into 416x416).
+    One scale per axis, each the resized side over the original one: the resize rounds
+    the shorter side to whole pixels, so the aspect-ratio scale alone would misplace boxes
+    along it by up to half a network pixel; these map the image's edges onto the content's.
     """
 
-    scale: float
+    scale_x: float
+    scale_y: float
     pad_x: float
     pad_y: float
     src_width: int
@@ -59,13 +59,16 @@ class LetterboxTransform:
 
     def to_original(self, boxes: np.ndarray) -> np.ndarray:
         """(K, 4) x1, y1, x2, y2 network boxes to float32 image boxes, clipped to the image."""
-        original = (np.asarray(boxes, np.float64) - self._offset()) / self.scale
+        original = (np.asarray(boxes, np.float64) - self._offset()) / self._scales()
         limits = np.array([self.src_width, self.src_height] * 2, np.float64)
         return np.clip(original, 0.0, limits).astype(np.float32)
 
     def to_network(self, boxes: np.ndarray) -> np.ndarray:
         """Exact inverse of `to_original` before clipping, e.g. to map ground truth."""
-        return (np.asarray(boxes, np.float64) * self.scale + self._offset()).astype(np.float32)
+        return (np.asarray(boxes, np.float64) * self._scales() + self._offset()).astype(np.float32)
+
+    def _scales(self) -> np.ndarray:
+        return np.array([self.scale_x, self.scale_y] * 2, np.float64)
 
     def _offset(self) -> np.ndarray:
         return np.array([self.pad_x, self.pad_y] * 2, np.float64)
@@ -111,7 +114,9 @@ class Letterbox:
             # OpenCV copies flipped or strided sources itself; dst is a strided view it
             # accepts as a sub-matrix, so the resize lands in the buffer without a copy.
             cv2.resize(image, (new_w, new_h), dst=target, interpolation=cv2.INTER_LINEAR)
-        return LetterboxTransform(scale, float(pad_x), float(pad_y), src_w, src_h)
+        return LetterboxTransform(
+            new_w / src_w, new_h / src_h, float(pad_x), float(pad_y), src_w, src_h
+        )
 
     def _fill_padding(self, slot: int, pad_x: int, pad_y: int, new_w: int, new_h: int) -> None:
         """Resets the four bands around the image area, where an older frame may remain."""
