@@ -1,7 +1,9 @@
-"""Shared fixtures: the committed real frames and the committed default model."""
+"""Shared fixtures: the committed real frames and the committed default model; and how a
+test that needs a GPU stack steps aside where there is none."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -11,6 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES_DIR = ROOT / "data" / "vtest"
 MODEL_DIR = ROOT / "models" / "nanodet_g"
+# set to 1 on the GPU machine: a test that needs TensorRT or a GPU fails there instead of
+# skipping, so a broken driver or install cannot pass as "not this machine"
+REQUIRE_GPU = "CP_REQUIRE_GPU"
+
+
+def skip_without_gpu(reason: str) -> None:
+    """Skip, naming `reason`; or fail with it where REQUIRE_GPU says the GPU stack is here."""
+    if os.environ.get(REQUIRE_GPU) == "1":
+        pytest.fail(f"{REQUIRE_GPU}=1, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

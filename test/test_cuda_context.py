@@ -18,6 +18,8 @@ import pytest
 from compressed_perception.errors import BackendError
 from compressed_perception.runtime import cuda
 
+from conftest import REQUIRE_GPU, skip_without_gpu
+
 PRIMARY = 0x7F00_1000  # device 0's primary context handle
 
 
@@ -282,7 +284,7 @@ def test_a_real_context_leaves_the_driver_stack_as_it_found_it():
     try:
         cuda.device_info()
     except BackendError as exc:
-        pytest.skip(f"pycuda sees no CUDA GPU here ({exc})")
+        skip_without_gpu(f"pycuda sees no CUDA GPU here ({exc})")
     stack = cuda._DriverStack()
     before = stack.current()
     for _ in range(2):  # a second context, after the first is closed, works as well
@@ -291,3 +293,14 @@ def test_a_real_context_leaves_the_driver_stack_as_it_found_it():
             assert stack.current() != 0
         context.close()
         assert stack.current() == before
+
+
+@pytest.mark.parametrize(("required", "outcome"), [(None, "skip"), ("0", "skip"), ("1", "fail")])
+def test_a_missing_gpu_fails_only_where_it_is_required(monkeypatch, required, outcome):
+    if required is None:
+        monkeypatch.delenv(REQUIRE_GPU, raising=False)
+    else:
+        monkeypatch.setenv(REQUIRE_GPU, required)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected, match="no CUDA GPU here"):
+        skip_without_gpu("no CUDA GPU here")

@@ -45,7 +45,7 @@ from compressed_perception.runtime.detector import DYNAMIC_BATCH_LIMIT, Detector
 from compressed_perception.runtime.manifest import TensorSpec, create_manifest, load_manifest
 from compressed_perception.runtime.preprocess import Letterbox
 
-from conftest import MODEL_DIR, ROOT
+from conftest import MODEL_DIR, ROOT, skip_without_gpu
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA_BINDING = any(importlib.util.find_spec(name) is not None for name in ("pycuda", "cuda"))
@@ -469,7 +469,7 @@ def test_tampered_engine_is_refused_before_tensorrt(tmp_path):
 def _needs_tensorrt_and_gpu():
     reason = unavailable()
     if reason is not None:
-        pytest.skip(f"needs TensorRT and a GPU: {reason}")
+        skip_without_gpu(f"needs TensorRT and a GPU: {reason}")
 
 
 def _held_out():
