@@ -289,7 +289,21 @@ def _delete(entity: Entity) -> None:
     entity.__del__()
 
 
-class RawPublisher:
+class _Endpoint:
+    """What a writer and a reader share: one ROS topic of one message type, on the graph
+    of `participant` (or hidden from it, `on_graph` false)."""
+
+    def __init__(
+        self, participant: Participant, ros_topic: str, msgtype: str, on_graph: bool
+    ) -> None:
+        self.msgtype = msgtype
+        self.topic = ros_topic
+        self.on_graph = on_graph
+        self._participant = participant
+        self._store = participant.store
+
+
+class RawPublisher(_Endpoint):
     """Publishes typestore messages as ROS 2 CDR, bypassing Python-side IDL serialization."""
 
     kind = "writer"
@@ -307,11 +321,7 @@ class RawPublisher:
         on_graph: bool = True,
     ) -> None:
         """`dds_name` replaces the `rt/` topic name; `on_graph`: one of the node's writers."""
-        self.msgtype = msgtype
-        self.topic = ros_topic
-        self.on_graph = on_graph
-        self._participant = participant
-        self._store = participant.store
+        super().__init__(participant, ros_topic, msgtype, on_graph)
         profile = qos(reliable, depth, msgtype, self._store, transient_local)
         self._writer = DataWriter(
             participant.domain, participant.topic(ros_topic, msgtype, dds_name), profile
@@ -358,7 +368,7 @@ def encapsulate(data: bytes | memoryview) -> bytes:
     return bytes(payload)
 
 
-class RawSubscriber:
+class RawSubscriber(_Endpoint):
     """Calls `callback(message)` from this subscriber's own receive thread, per new sample.
 
     The thread sleeps in a Cyclone waitset until data arrives or `close()` wakes it.
@@ -380,11 +390,7 @@ class RawSubscriber:
         on_graph: bool = True,
     ) -> None:
         """Keyword options as for RawPublisher."""
-        self.msgtype = msgtype
-        self.topic = ros_topic
-        self.on_graph = on_graph
-        self._participant = participant
-        self._store = participant.store
+        super().__init__(participant, ros_topic, msgtype, on_graph)
         self._callback = callback
         profile = qos(reliable, depth, msgtype, self._store, transient_local)
         topic = participant.topic(ros_topic, msgtype, dds_name)
