@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PerceptionError(Exception):
     """Base class; the CLI turns these into one line on stderr and a non-zero exit."""
@@ -29,3 +31,10 @@ class BackendError(PerceptionError):
 
 class ConfigError(PerceptionError):
     """A setting or argument is out of range or unknown."""
+
+
+def check_choice(setting: str, value: object, choices: Sequence[object]) -> None:
+    """A ConfigError naming `setting` and the choices, unless `value` is one of them."""
+    if value not in choices:
+        listed = ", ".join(str(choice) for choice in choices)
+        raise ConfigError(f"{setting}: {value!r} is not one of {listed}")

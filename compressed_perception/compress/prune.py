@@ -49,7 +49,7 @@ from compressed_perception.compress.stage import (
     Variant,
 )
 from compressed_perception.compress.upstream import Upstream
-from compressed_perception.errors import ConfigError
+from compressed_perception.errors import ConfigError, check_choice
 from compressed_perception.models.hooks import hooked
 from compressed_perception.models.nanodet import NanoDet
 
@@ -83,18 +83,15 @@ class PruneSettings:
     def __post_init__(self) -> None:
         if not 0.05 <= self.macs < 1.0:
             raise ConfigError(f"prune macs: {self.macs} is outside [0.05, 1)")
-        if self.importance not in IMPORTANCE:
-            raise ConfigError(f"prune importance: {self.importance!r} is not one of {IMPORTANCE}")
-        if self.allocation not in ALLOCATION:
-            raise ConfigError(f"prune allocation: {self.allocation!r} is not one of {ALLOCATION}")
+        check_choice("prune importance", self.importance, IMPORTANCE)
+        check_choice("prune allocation", self.allocation, ALLOCATION)
         if not 0.0 < self.max_ratio <= 0.9:
             raise ConfigError(f"prune max_ratio: {self.max_ratio} is outside (0, 0.9]")
         if not self.scan_ratios or not all(0 < r <= self.max_ratio for r in self.scan_ratios):
             raise ConfigError(
                 f"prune scan_ratios: {list(self.scan_ratios)} must be in (0, max_ratio]"
             )
-        if self.round_to not in ROUNDING:
-            raise ConfigError(f"prune round_to: {self.round_to} is not one of {ROUNDING}")
+        check_choice("prune round_to", self.round_to, ROUNDING)
         if self.calibration_frames < BATCH:
             raise ConfigError(
                 f"prune calibration_frames: {self.calibration_frames} is too few (>= {BATCH})"

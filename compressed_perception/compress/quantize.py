@@ -41,7 +41,7 @@ from compressed_perception.compress.stage import (
     Stage,
     Variant,
 )
-from compressed_perception.errors import ConfigError, ModelError
+from compressed_perception.errors import ConfigError, ModelError, check_choice
 
 QDQ_METHODS = ("entropy", "max")
 ORT_METHODS = ("minmax", "entropy", "percentile")
@@ -66,13 +66,8 @@ class QdqSettings(KeepSettings):
 
     def __post_init__(self) -> None:
         check_calibration_count("quantize_qdq", self.calibration_frames)
-        if self.method not in QDQ_METHODS:
-            raise ConfigError(f"quantize_qdq method: {self.method!r} is not one of {QDQ_METHODS}")
-        if self.high_precision not in HIGH_PRECISION:
-            raise ConfigError(
-                f"quantize_qdq high_precision: {self.high_precision!r} is not one of "
-                f"{HIGH_PRECISION}"
-            )
+        check_choice("quantize_qdq method", self.method, QDQ_METHODS)
+        check_choice("quantize_qdq high_precision", self.high_precision, HIGH_PRECISION)
 
 
 @dataclass(frozen=True)
@@ -86,8 +81,7 @@ class OrtSettings(KeepSettings):
 
     def __post_init__(self) -> None:
         check_calibration_count("quantize_ort", self.calibration_frames)
-        if self.method not in ORT_METHODS:
-            raise ConfigError(f"quantize_ort method: {self.method!r} is not one of {ORT_METHODS}")
+        check_choice("quantize_ort method", self.method, ORT_METHODS)
         if not self.op_types:
             raise ConfigError("quantize_ort op_types: empty list quantizes nothing")
 

@@ -32,7 +32,7 @@ from compressed_perception.compress.stage import (
     Stage,
     Variant,
 )
-from compressed_perception.errors import ConfigError, ModelError
+from compressed_perception.errors import ModelError, check_choice
 
 PRESETS = ("mixed", "performance")
 PRECISIONS = ("f32", "bf16")
@@ -50,13 +50,8 @@ class OpenVinoSettings(KeepSettings):
 
     def __post_init__(self) -> None:
         check_calibration_count("quantize_openvino", self.calibration_frames)
-        if self.preset not in PRESETS:
-            raise ConfigError(f"quantize_openvino preset: {self.preset!r} is not one of {PRESETS}")
-        if self.inference_precision not in PRECISIONS:
-            raise ConfigError(
-                f"quantize_openvino inference_precision: {self.inference_precision!r} is not "
-                f"one of {PRECISIONS}"
-            )
+        check_choice("quantize_openvino preset", self.preset, PRESETS)
+        check_choice("quantize_openvino inference_precision", self.inference_precision, PRECISIONS)
 
 
 def quantize_openvino(

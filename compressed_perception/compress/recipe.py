@@ -18,7 +18,7 @@ import yaml
 
 from compressed_perception.compress.stages import STAGES
 from compressed_perception.datasets import HELD_OUT_FRAMES, TRAIN_FRAMES, VTEST, FrameSource
-from compressed_perception.errors import ConfigError
+from compressed_perception.errors import ConfigError, check_choice
 
 DEVICES = ("auto", "cpu", "cuda")
 STAGE_TYPES: dict[str, type] = {stage.section: stage.settings for stage in STAGES}
@@ -74,8 +74,7 @@ class Recipe:
     stages: Mapping[str, Any] = field(default_factory=_default_stages)  # None: skipped
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ConfigError(f"device: {self.device!r} is not one of {', '.join(DEVICES)}")
+        check_choice("device", self.device, DEVICES)
 
     def stage(self, section: str) -> Any:
         """A stage's settings, or None where the recipe switches it off."""

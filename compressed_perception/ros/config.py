@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from compressed_perception.errors import ConfigError
+from compressed_perception.errors import ConfigError, check_choice
 from compressed_perception.ros.names import (
     NODE_NAME,
     ROOT_NAMESPACE,
@@ -59,12 +59,8 @@ class NodeConfig:
     threads: int = 0
 
     def __post_init__(self) -> None:
-        if self.qos not in QOS_CHOICES:
-            raise ConfigError(f"qos: {self.qos!r} is not one of {', '.join(QOS_CHOICES)}")
-        if self.backend not in BACKEND_CHOICES:
-            raise ConfigError(
-                f"backend: {self.backend!r} is not one of {', '.join(BACKEND_CHOICES)}"
-            )
+        check_choice("qos", self.qos, QOS_CHOICES)
+        check_choice("backend", self.backend, BACKEND_CHOICES)
         if not self.cameras:
             raise ConfigError("cameras: at least one image topic is needed")
         for camera in self.cameras:
