@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,13 +411,8 @@ def _fold_and_mask(
 ) -> None:
     """Remove `channels` from the group's consumers in effect: their mean contribution goes
     into each consumer's bias, their weights to zero. Removal itself then changes nothing."""
-    if not channels:
-        return
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, index in group.consumers.items():
-            conv = modules[name]
-            inputs = torch.from_numpy(index[list(channels)])
+        for name, conv, inputs in _removed_inputs(model, group, channels):
             mean = stats.means[name][inputs]
             kernel_sums = conv.weight[:, inputs].sum(dim=(2, 3))  # (cout, removed)
             conv.bias += kernel_sums @ mean
@@ -430,14 +425,9 @@ def _refit_and_mask(
     """Remove `channels` in effect and refit each consumer, alone, on its other inputs by
     least squares from its input statistics: what reconstruction will recover of this
     group's loss, so the scan prices a group by the damage that remains."""
-    if not channels:
-        return
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, index in group.consumers.items():
-            conv = modules[name]
+        for name, conv, gone in _removed_inputs(model, group, channels):
             taps = conv.kernel_size[0] * conv.kernel_size[1]
-            gone = torch.from_numpy(index[list(channels)])
             removed = (gone[:, None] * taps + torch.arange(taps)).flatten()
             matrix = stats.grams[name]
             keep = torch.ones(matrix.shape[0], dtype=torch.bool, device=matrix.device)
@@ -446,6 +436,18 @@ def _refit_and_mask(
             refitted = torch.zeros_like(weights)
             refitted[keep] = ridge_solve(matrix[keep][:, keep], matrix[keep] @ weights, RIDGE)
             set_weight_matrix(conv, refitted)
+
+
+def _removed_inputs(
+    model: NanoDet, group: Group, channels: Sequence[int]
+) -> Iterator[tuple[str, nn.Conv2d, torch.Tensor]]:
+    """Each consumer of the group, by name, and the indices of its input channels that
+    removing `channels` takes away (none at all when `channels` is empty)."""
+    if not channels:
+        return
+    modules = dict(model.named_modules())
+    for name, index in group.consumers.items():
+        yield name, modules[name], torch.from_numpy(index[list(channels)])
 
 
 def _apply(
