@@ -515,8 +515,6 @@ def _carla(args: argparse.Namespace) -> int:
     client_module()  # no client: say how to install it before anything else
     from compressed_perception.carla.record import recording
 
-    if args.frames < 1:
-        raise ConfigError(f"--frames: must be at least 1, got {args.frames}")
     options = CarlaOptions(
         host=args.host,
         port=args.port,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from compressed_perception.carla import simulate
 from compressed_perception.carla.classes import coco_class, is_stop_sign
 from compressed_perception.carla.geometry import (
     box_corners,
@@ -191,6 +192,72 @@ def test_no_server_is_a_clear_error(capsys, tmp_path):
     assert f"no CARLA server answered at 127.0.0.1:{port} within 1 s (client 0.9.16)" in err
     assert "CarlaUE4.sh -RenderOffScreen" in err
     assert not (tmp_path / "bag").exists()
+
+
+def test_an_unknown_host_is_a_clear_error(capsys, tmp_path):
+    pytest.importorskip("carla", reason="the carla client (PyPI 'carla') is not installed")
+    argv = ["carla", "--host", "no.such.host.invalid", "--timeout", "1"]
+    code = main([*argv, "--out", str(tmp_path / "bag")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1  # one line, no traceback
+    assert "no CARLA server answered at no.such.host.invalid:2000 within 1 s" in err
+    assert not (tmp_path / "bag").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"port": 70000}, "port: 70000 is outside 1..65535"),
+        ({"port": 0}, "port: 0 is outside"),
+        ({"timeout": -1.0}, "timeout: -1.0 seconds must be above 0"),
+        ({"timeout": math.nan}, "timeout: nan"),
+        ({"frames": 0}, "frames: must be at least 1, got 0"),
+        ({"walkers": -1}, "walkers -1: not below 0"),
+        ({"cameras": ("rgb_front", "rgb_front")}, "must name each camera once"),
+        ({"cameras": ()}, "must name each camera once"),
+        ({"cameras": ("rgb_front", "rgb_top")}, "rgb_top unknown; the mountings are rgb_front"),
+    ],
+)
+def test_bad_options_are_refused_before_connecting(options, message):
+    with pytest.raises(ConfigError, match=message):
+        simulate.CarlaOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("0.9.16", (0, 9, 16)), ("0.9.15-12-gabc", (0, 9, 15)), ("0.10.0", (0, 10, 0)), ("x", ())],
+)
+def test_release_numbers(version, expected):
+    assert simulate.release(version) == expected
+
+
+class _Client:
+    """The two version calls of carla.Client, answering `version` for both sides."""
+
+    version = "0.9.15"
+
+    def __init__(self, host, port):
+        self.address = (host, port)
+
+    def set_timeout(self, seconds):
+        self.timeout = seconds
+
+    def get_client_version(self):
+        return self.version
+
+    def get_server_version(self):
+        return self.version
+
+
+def test_a_server_before_actor_ids_is_refused(monkeypatch):
+    """A 0.9.15 server (and client) would score every object invisible: refused by name."""
+    monkeypatch.setitem(sys.modules, "carla", type(sys)("carla"))
+    monkeypatch.setattr(sys.modules["carla"], "Client", _Client, raising=False)
+    with pytest.raises(simulate.CarlaError, match=r"127\.0\.0\.1:2000 is 0\.9\.15: its instance"):
+        simulate.connect(simulate.CarlaOptions())
+    monkeypatch.setattr(_Client, "version", "0.9.16")
+    assert simulate.connect(simulate.CarlaOptions()).address == ("127.0.0.1", 2000)
 
 
 def test_no_client_says_how_to_install_it(capsys, tmp_path, monkeypatch):

@@ -1,4 +1,8 @@
-"""Run the detector in CARLA (0.9.15/0.9.16 Python API) and score it against ground truth.
+"""Run the detector in CARLA (0.9.16) and score it against ground truth.
+
+0.9.16 is the first release whose instance-segmentation camera encodes actor ids (earlier
+ones encode Unreal's internal ids, carla-simulator/carla#8334): visibility is counted by
+actor id, so an older server is refused rather than scored with nothing visible.
 
 The world is switched to synchronous mode with a fixed step for the run and restored
 afterwards, and every actor spawned here is destroyed, also on Ctrl-C or an error.
@@ -7,6 +11,8 @@ afterwards, and every actor spawned here is destroyed, also on Ctrl-C or an erro
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import math
 import queue
 import random
 import time
@@ -26,7 +32,7 @@ from compressed_perception.carla.geometry import (
     semantic_pixels,
     visible_pixels,
 )
-from compressed_perception.errors import PerceptionError
+from compressed_perception.errors import ConfigError, PerceptionError
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.postprocess import Detections
 
@@ -39,6 +45,7 @@ CAMERA_POSES = {
 }
 SENSOR_WAIT_S = 10.0
 CLIENT_INSTALL = "pip install 'compressed_perception[carla]'"  # carla==0.9.16
+OLDEST_SERVER = (0, 9, 16)  # instance camera with actor ids
 
 
 class CarlaError(PerceptionError):
@@ -76,6 +83,27 @@ class CarlaOptions:
     role_name: str = "ego_vehicle"
     allow_version_mismatch: bool = False
 
+    def __post_init__(self) -> None:
+        """Refused before any connection, naming the option: a bad port or time-out reached
+        the client library as a raw OverflowError, and a camera named twice left a pair of
+        sensors spawned and never read."""
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is outside 1..65535")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(f"timeout: {self.timeout} seconds must be above 0")
+        if self.frames < 1:
+            raise ConfigError(f"frames: must be at least 1, got {self.frames}")
+        if self.vehicles < 0 or self.walkers < 0:
+            raise ConfigError(f"vehicles {self.vehicles}, walkers {self.walkers}: not below 0")
+        if not self.cameras or len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"cameras: {list(self.cameras)} must name each camera once")
+        unknown = [name for name in self.cameras if name not in CAMERA_POSES]
+        if unknown:
+            raise ConfigError(
+                f"cameras: {', '.join(unknown)} unknown; the mountings are "
+                f"{', '.join(CAMERA_POSES)}"
+            )
+
 
 @dataclass
 class _Scene:
@@ -89,12 +117,13 @@ class _Scene:
 def connect(options: CarlaOptions) -> Any:
     """A client whose server answered; CarlaError naming host, port, timeout and versions."""
     carla = client_module()
-    client = carla.Client(options.host, options.port)
-    client.set_timeout(options.timeout)
-    version = client.get_client_version()
     try:
+        client = carla.Client(options.host, options.port)
+        client.set_timeout(options.timeout)
+        version = client.get_client_version()
         server = client.get_server_version()
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # the host does not resolve, or nothing answers
+        version = _client_version()
         raise CarlaError(
             f"no CARLA server answered at {options.host}:{options.port} within "
             f"{options.timeout:g} s (client {version}); start one with "
@@ -105,7 +134,30 @@ def connect(options: CarlaOptions) -> Any:
             f"CARLA server at {options.host}:{options.port} is {server}, this client is {version}: "
             f"install carla=={server} (or pass --allow-version-mismatch)"
         )
+    if release(server) < OLDEST_SERVER:
+        raise CarlaError(
+            f"CARLA server at {options.host}:{options.port} is {server}: its instance camera "
+            "does not encode actor ids, so no object could be counted visible; use 0.9.16"
+        )
     return client
+
+
+def release(version: str) -> tuple[int, ...]:
+    """(0, 9, 16) of "0.9.16" or "0.9.16-12-gabc"; () when it does not start with a number."""
+    numbers = []
+    for part in str(version).split("-")[0].split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def _client_version() -> str:
+    """The client's version without a client object (making one is what failed)."""
+    try:
+        return importlib.metadata.version("carla")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def load_town(client: Any, town: str | None) -> Any:
@@ -184,8 +236,6 @@ def _spawn(world: Any, traffic: Any, options: CarlaOptions, built: _Scene, carla
 def _camera(
     world: Any, library: Any, kind: str, name: str, options: CarlaOptions, built: _Scene, carla: Any
 ) -> Any:
-    if name not in CAMERA_POSES:
-        raise CarlaError(f"camera {name!r}: known mountings are {', '.join(CAMERA_POSES)}")
     x, y, z, yaw = CAMERA_POSES[name]
     blueprint = library.find(kind)
     blueprint.set_attribute("image_size_x", str(options.width))
