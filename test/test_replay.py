@@ -153,12 +153,15 @@ def test_replay_is_deterministic(tmp_path, capsys, video):
 
 
 def _write_bag(path, storage, items):
-    """items: (topic, msgtype, log time, message)."""
+    """items: (topic, msgtype, log time, message, or bytes written as they are)."""
     with new_bag(path, storage) as writer:
         for topic, msgtype in dict.fromkeys((i[0], i[1]) for i in items):
             writer.add_topic(topic, msgtype)
         for topic, _, time, message in items:
-            writer.write(topic, time, message)
+            if isinstance(message, bytes):
+                writer.write_raw(topic, time, message)
+            else:
+                writer.write(topic, time, message)
     return path
 
 
@@ -279,6 +282,71 @@ def test_agreement_and_ground_truth_topic(tmp_path, frames):
     assert metrics["ground_truth"]["map50"] > 0.95
     assert metrics["ground_truth"]["map"] > 0.7
     assert metrics["ground_truth"]["frames_without_ground_truth"] == 0
+
+
+def _truth_bag(path, frames, stamps, labels=None, corrupt=False):
+    """Images with these header stamps (seconds), the first one's boxes from the model as
+    ground truth (named `labels` if given), and a message on that topic that does not
+    deserialize if `corrupt`."""
+    detector = Detector.open(MODEL_DIR / "manifest.json", "onnxruntime")
+    vision = VisionTypes.from_lookup(lambda name: STORE.types[name])
+    items = [
+        ("/cam/image/compressed", COMPRESSED_IMAGE, i + 1, _jpeg(_header(sec), frames[i]))
+        for i, sec in enumerate(stamps)
+    ]
+    truth = detector.detect(frames[0]).detections
+    gt = detection_array(vision, _header(stamps[0]), truth, labels or detector.labels)
+    items.append(("/cam/truth", DETECTION_ARRAY, 1, gt))
+    if corrupt:
+        items.append(("/cam/truth", DETECTION_ARRAY, 2, b"\x00\x01\x00\x00\xff"))
+    return _write_bag(path, "mcap", items)
+
+
+def test_a_corrupt_ground_truth_message_is_listed_and_its_frame_scored_without(tmp_path, frames):
+    """It used to come back as an image of the truth topic: miscounted as a failed frame,
+    and with --copy-input written to a topic the output bag never had (KeyError)."""
+    pytest.importorskip("pycocotools", reason=NO_COCO)
+    bag = _truth_bag(tmp_path / "in", frames, [1, 2], corrupt=True)
+    options = ReplayOptions(model=MODEL_DIR, ground_truth="/cam/truth", copy_input=True)
+    metrics = replay(bag, tmp_path / "out", options)
+    assert metrics["frames"] == 2 and metrics["decode_failures"] == []
+    failures = metrics["ground_truth"]["ground_truth_decode_failures"]
+    assert [(f["topic"], f["log_time"]) for f in failures] == [("/cam/truth", 2)]
+    assert "undecodable CDR" in failures[0]["error"]
+    assert metrics["ground_truth"]["frames_without_ground_truth"] == 1
+    assert metrics["ground_truth"]["map50"] > 0.95
+    written = sorted((topic, time) for topic, time, *_ in _read(tmp_path / "out"))
+    topics = ("/cam/detections", "/cam/image/compressed")
+    assert written == [(topic, time) for topic in topics for time in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("stamps", "labels", "message"),
+    [
+        ([1, 1], None, "two replayed images share frame_id and stamp cam/1.000000005"),
+        ([1, 2], ["pedestrian"] * 80, "ground-truth label not in the model"),
+    ],
+)
+def test_ground_truth_that_cannot_be_scored_leaves_no_output(
+    tmp_path, capsys, frames, stamps, labels, message
+):
+    pytest.importorskip("pycocotools", reason=NO_COCO)
+    bag = _truth_bag(tmp_path / "in", frames, stamps, labels)
+    out, metrics = tmp_path / "out", tmp_path / "m.json"
+    argv = ["replay", bag, "--out", out, "--ground-truth", "/cam/truth", "--metrics", metrics]
+    for _ in range(2):  # and the second try is not refused for an output the first left
+        code, _, err = _run(capsys, *argv)
+        assert code == 2 and message in err
+        assert not out.exists() and not metrics.exists()
+
+
+def test_an_mcap_of_only_its_magic_bytes_is_a_bag_error(tmp_path, capsys, small_bag):
+    """What a recorder killed at start-up leaves; rosbags raised TypeError on it."""
+    stub = tmp_path / "stub.mcap"
+    stub.write_bytes((small_bag / "in.mcap").read_bytes()[:8])
+    code, _, err = _run(capsys, "replay", stub, "--out", tmp_path / "out")
+    assert code == 2 and f"{stub}: cannot open bag (TypeError" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_metrics_without_pycocotools_say_what_to_install(tmp_path, capsys, small_bag, monkeypatch):
@@ -451,6 +519,9 @@ def test_a_sample_bag_of_no_pixels_or_no_frames_is_refused_and_not_written(tmp_p
     with pytest.raises(SystemExit) as stopped:
         main(["make-sample-bag", str(video), "--out", str(out), "--count", "0"])
     assert stopped.value.code == 2 and "--count: 0 is less than 1" in capsys.readouterr().err
+    assert not out.exists()
+    code, _, err = _run(capsys, "make-sample-bag", video, "--out", out, "--first", "-2")
+    assert code == 2 and "first -2: frame indices start at 0" in err
     assert not out.exists()
 
 

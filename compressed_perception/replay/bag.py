@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ RELIABLE_QOS = Qos(
 )
 
 
+# what rosbags raises on damaged storage: its own errors, and Python's where a truncated
+# file ends a parse early (an MCAP holding only its magic bytes raised TypeError)
+DAMAGE = (ReaderError, OSError, KeyError, ValueError, EOFError, TypeError, IndexError, struct.error)
+
+
 class BagError(PerceptionError):
     """A bag is missing, unreadable, of unknown storage, or lacks a requested topic."""
 
@@ -69,8 +75,8 @@ def open_bag(path: Path) -> Iterator[Reader]:
     try:
         reader = Reader(path)
         reader.open()
-    except (ReaderError, OSError, KeyError, ValueError) as exc:
-        raise BagError(f"{path}: cannot open bag ({exc})") from exc
+    except DAMAGE as exc:
+        raise BagError(f"{path}: cannot open bag ({type(exc).__name__}: {exc})") from exc
     try:
         yield reader
     finally:
@@ -162,7 +168,7 @@ def messages(reader: Reader, connections: Sequence[Connection], path: Path) -> I
     """(connection, log time ns, raw CDR) in log order; storage damage becomes a BagError."""
     try:
         yield from reader.messages(connections=connections)
-    except (ReaderError, OSError, ValueError, KeyError, EOFError) as exc:
+    except DAMAGE as exc:
         raise BagError(f"{path}: corrupt or truncated bag ({type(exc).__name__}: {exc})") from exc
 
 

@@ -78,8 +78,11 @@ class _Frame:
 
 @dataclass(frozen=True)
 class _Truth:
-    key: str
+    topic: str
+    log_time: int
+    key: str | None  # None when the message does not deserialize (`error` says why)
     message: Any
+    error: str | None = None
 
 
 _END = object()
@@ -117,7 +120,7 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
             started = time.perf_counter()
             for item in _read_ahead(reader, connections, in_bag, bag_types):
                 if isinstance(item, _Truth):
-                    stats.truth[item.key] = item.message
+                    stats.add_truth(item, in_bag)
                     continue
                 if options.copy_input:
                     writer.write_raw(item.topic, item.log_time, item.raw)
@@ -139,7 +142,15 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
                 ref = reference.detect(item.image).detections if reference else None
                 stats.add(item, result, published, ref)
             wall = time.perf_counter() - started
-    metrics = stats.metrics(wall)
+            # scored before the bag is committed: ground truth that cannot be scored (a
+            # label the model lacks, frames sharing a stamp) leaves no output behind
+            metrics = stats.metrics(wall)
+            if options.reference is not None:
+                metrics["agreement"] = stats.agreement(detector.labels)
+            if options.ground_truth is not None:
+                metrics["ground_truth"] = stats.ground_truth(
+                    options.ground_truth, manifest, coco_truth
+                )
     metrics.update(
         {
             "input": str(in_bag),
@@ -152,10 +163,6 @@ def replay(in_bag: Path, out_bag: Path, options: ReplayOptions) -> dict[str, Any
             },
         }
     )
-    if options.reference is not None:
-        metrics["agreement"] = stats.agreement(detector.labels)
-    if options.ground_truth is not None:
-        metrics["ground_truth"] = stats.ground_truth(options.ground_truth, manifest, coco_truth)
     return metrics
 
 
@@ -252,12 +259,16 @@ def _read_ahead(reader: Any, connections: Sequence[Any], path: Path, store: Any)
 
 
 def _decode(store: Any, connection: Any, log_time: int, raw: Any, path: Path) -> _Frame | _Truth:
+    truth = connection.msgtype == DETECTION_ARRAY
     try:
         message = store.deserialize_cdr(raw, connection.msgtype)
     except Exception as exc:
-        return _Frame(connection.topic, log_time, None, raw, None, f"undecodable CDR ({exc})")
-    if connection.msgtype == DETECTION_ARRAY:
-        return _Truth(frame_key(message.header), message)
+        error = f"undecodable CDR ({exc})"
+        if truth:
+            return _Truth(connection.topic, log_time, None, None, error)
+        return _Frame(connection.topic, log_time, None, raw, None, error)
+    if truth:
+        return _Truth(connection.topic, log_time, frame_key(message.header), message)
     name = f"{path}:{connection.topic}@{log_time}"
     try:
         kind = image_kind(store, connection.msgtype)
@@ -278,16 +289,19 @@ class _Stats:
         self.latency: dict[str, list[float]] = {stage: [] for stage in STAGES}
         self.classes: Counter[str] = Counter()
         self.truth: dict[str, Any] = {}
+        self.truth_failures: list[dict[str, Any]] = []
         self.evaluated: list[tuple[str, tuple[int, int], Detections, Detections | None]] = []
 
     def fail(self, frame: _Frame, path: Path) -> None:
-        self.failures.append(
-            {"topic": frame.topic, "log_time": frame.log_time, "error": frame.error}
-        )
-        print(
-            f"warning: {path}: {frame.topic} frame at {frame.log_time}: {frame.error}",
-            file=sys.stderr,
-        )
+        self.failures.append(_failure(frame, path))
+
+    def add_truth(self, truth: _Truth, path: Path) -> None:
+        """A ground-truth message; one that does not deserialize is counted, not fatal:
+        its frame is then scored as one without ground truth."""
+        if truth.key is None:
+            self.truth_failures.append(_failure(truth, path))
+        else:
+            self.truth[truth.key] = truth.message
 
     def add(
         self, frame: _Frame, result: FrameResult, published: Detections, ref: Detections | None
@@ -334,19 +348,32 @@ class _Stats:
             truth = {
                 k: _truth_detections(m, manifest, f"{source} at {k}") for k, m in self.truth.items()
             }
-        matched = 0
+        matched: set[str] = set()
         for key, size, found, _ in self.evaluated:
             gt = truth.get(key, truth.get(key.split("/")[-1]))
             if gt is None:
                 continue
-            matched += 1
+            if key in matched:
+                raise PerceptionError(
+                    f"{source}: two replayed images share frame_id and stamp {key}; ground "
+                    "truth is matched to images by them, so each image needs its own stamp"
+                )
+            matched.add(key)
             evaluator.add(key, size[0], size[1], gt, found)
         if not matched:
             raise PerceptionError(f"{source}: no ground truth matches any replayed frame")
         return {
             **evaluator.result().to_dict(),
-            "frames_without_ground_truth": len(self.evaluated) - matched,
+            "frames_without_ground_truth": len(self.evaluated) - len(matched),
+            "ground_truth_decode_failures": self.truth_failures,
         }
+
+
+def _failure(item: _Frame | _Truth, path: Path) -> dict[str, Any]:
+    """A message that could not be used, as the metrics list it; warned about on stderr."""
+    warning = f"warning: {path}: {item.topic} message at {item.log_time}: {item.error}"
+    print(warning, file=sys.stderr)
+    return {"topic": item.topic, "log_time": item.log_time, "error": item.error}
 
 
 def _truth_detections(message: Any, manifest: Manifest, where: str) -> Detections:

@@ -35,6 +35,8 @@ def make_sample_bag(video: Path, out: Path, options: SampleOptions) -> int:
     """Write frames [first, first + count) as Image or CompressedImage; returns the count."""
     if options.count is not None and options.count < 1:
         raise ConfigError(f"count {options.count}: need at least 1 frame")
+    if options.first < 0:
+        raise ConfigError(f"first {options.first}: frame indices start at 0")
     if options.fps <= 0 or not 0 < options.scale <= 1 or not 1 <= options.jpeg_quality <= 100:
         raise ConfigError(
             f"fps {options.fps}, scale {options.scale}, jpeg quality {options.jpeg_quality}: "
