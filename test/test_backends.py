@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from compressed_perception.errors import BackendError, IntegrityError, ModelError
+from compressed_perception.errors import BackendError, ConfigError, IntegrityError, ModelError
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.manifest import load_manifest
 from compressed_perception.runtime.preprocess import Letterbox
@@ -70,6 +70,12 @@ def test_auto_runs_what_the_model_has(manifest):
 def test_unknown_backend(manifest):
     with pytest.raises(BackendError, match=r"unknown backend 'tflite'.*onnxruntime"):
         open_backend(manifest, "tflite")
+
+
+@pytest.mark.parametrize("kind", ["auto", "onnxruntime", "openvino"])
+def test_a_negative_thread_count_is_refused_alike_by_every_backend(manifest, kind):
+    with pytest.raises(ConfigError, match=r"threads: -3 is below 0 \(0: the backend's default\)"):
+        open_backend(manifest, kind, threads=-3)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from compressed_perception.errors import BackendError
+from compressed_perception.errors import BackendError, ConfigError
 from compressed_perception.runtime.backends.base import Backend
 from compressed_perception.runtime.manifest import Manifest
 
@@ -105,7 +105,10 @@ def runnable(manifest: Manifest, installed_only: bool = True) -> list[str]:
 
 
 def open_backend(manifest: Manifest, kind: str = "auto", threads: int = 0) -> Backend:
-    """Instantiate backend `kind`; `auto` picks as `choose` does."""
+    """Instantiate backend `kind`; `auto` picks as `choose` does; `threads` 0 is the
+    backend's own default (each backend refused a negative count in its own words)."""
+    if threads < 0:
+        raise ConfigError(f"threads: {threads} is below 0 (0: the backend's default)")
     if kind == "auto":
         kind = choose(manifest)
     if kind not in _REGISTRY:
