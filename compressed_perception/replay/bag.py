@@ -61,7 +61,16 @@ RELIABLE_QOS = Qos(
 
 # what rosbags raises on damaged storage: its own errors, and Python's where a truncated
 # file ends a parse early (an MCAP holding only its magic bytes raised TypeError)
-DAMAGE = (ReaderError, OSError, KeyError, ValueError, EOFError, TypeError, IndexError, struct.error)
+_DAMAGE = (
+    ReaderError,
+    OSError,
+    KeyError,
+    ValueError,
+    EOFError,
+    TypeError,
+    IndexError,
+    struct.error,
+)
 
 
 class BagError(PerceptionError):
@@ -75,7 +84,7 @@ def open_bag(path: Path) -> Iterator[Reader]:
     try:
         reader = Reader(path)
         reader.open()
-    except DAMAGE as exc:
+    except _DAMAGE as exc:
         raise BagError(f"{path}: cannot open bag ({type(exc).__name__}: {exc})") from exc
     try:
         yield reader
@@ -168,7 +177,7 @@ def messages(reader: Reader, connections: Sequence[Connection], path: Path) -> I
     """(connection, log time ns, raw CDR) in log order; storage damage becomes a BagError."""
     try:
         yield from reader.messages(connections=connections)
-    except DAMAGE as exc:
+    except _DAMAGE as exc:
         raise BagError(f"{path}: corrupt or truncated bag ({type(exc).__name__}: {exc})") from exc
 
 
