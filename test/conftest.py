@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES_DIR = ROOT / "data" / "vtest"
 MODEL_DIR = ROOT / "models" / "nanodet_g"
+HELD_OUT_DIR = ROOT / "data" / "vtest_heldout"
 # set to 1 on the GPU machine: a test that needs TensorRT or a GPU fails there instead of
 # skipping, so a broken driver or install cannot pass as "not this machine"
 REQUIRE_GPU = "CP_REQUIRE_GPU"
@@ -23,6 +25,32 @@ def skip_without_gpu(reason: str) -> None:
     if os.environ.get(REQUIRE_GPU) == "1":
         pytest.fail(f"{REQUIRE_GPU}=1, but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def held_out_agreement(model: Any, folder: Path) -> tuple[float, float]:
+    """Agreement (mAP, mAP@.5) of a torch `model`, exported into `folder`, with the FP32
+    original on the committed held-out frames, both run by ONNX Runtime."""
+    from compressed_perception.compress.artifacts import write_model
+    from compressed_perception.datasets import FrameSource, load_frames
+    from compressed_perception.evaluation.coco import agreement
+    from compressed_perception.runtime.backends import open_backend
+    from compressed_perception.runtime.detector import Detector
+    from compressed_perception.runtime.manifest import load_manifest
+    from compressed_perception.runtime.postprocess import PostprocessConfig
+
+    reference = load_manifest(MODEL_DIR)
+    manifest = write_model(model, folder, reference, "test", dynamic_batch=False)
+    frames = load_frames(FrameSource(str(HELD_OUT_DIR)))
+    config = PostprocessConfig(score_threshold=0.05)
+    expected = Detector(reference, open_backend(reference, "onnxruntime"), config)
+    found = Detector(manifest, open_backend(manifest, "onnxruntime"), config)
+    result = agreement(
+        [expected.detect(f).detections for f in frames],
+        [found.detect(f).detections for f in frames],
+        [(f.shape[1], f.shape[0]) for f in frames],
+        reference.classes,
+    )
+    return result.map, result.map50
 
 
 @pytest.fixture(scope="session")

@@ -14,40 +14,15 @@ from compressed_perception.compress.distill import DistillSettings, distill  # n
 from compressed_perception.compress.recipe import load_recipe  # noqa: E402
 from compressed_perception.datasets import FrameSource, load_frames  # noqa: E402
 from compressed_perception.errors import ConfigError  # noqa: E402
-from compressed_perception.evaluation.coco import agreement  # noqa: E402
 from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
-from compressed_perception.runtime.backends import open_backend  # noqa: E402
-from compressed_perception.runtime.detector import Detector  # noqa: E402
-from compressed_perception.runtime.manifest import load_manifest  # noqa: E402
-from compressed_perception.runtime.postprocess import PostprocessConfig  # noqa: E402
 
-from conftest import MODEL_DIR, ROOT  # noqa: E402
+from conftest import MODEL_DIR, ROOT, held_out_agreement  # noqa: E402
 
 SAMPLE_BAG = ROOT / "data" / "sample_bag"
-HELD_OUT = ROOT / "data" / "vtest_heldout"
 
 
 def _model():
     return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
-
-
-def _held_out_agreement(model, tmp_path):
-    """Agreement of `model` with the FP32 original on the committed held-out frames."""
-    from compressed_perception.compress.artifacts import write_model
-
-    manifest = write_model(model, tmp_path, load_manifest(MODEL_DIR), "test", dynamic_batch=False)
-    frames = load_frames(FrameSource(str(HELD_OUT)))
-    config = PostprocessConfig(score_threshold=0.05)
-    reference = load_manifest(MODEL_DIR)
-    expected = Detector(reference, open_backend(reference, "onnxruntime"), config)
-    found = Detector(manifest, open_backend(manifest, "onnxruntime"), config)
-    result = agreement(
-        [expected.detect(f).detections for f in frames],
-        [found.detect(f).detections for f in frames],
-        [(f.shape[1], f.shape[0]) for f in frames],
-        reference.classes,
-    )
-    return result.map, result.map50
 
 
 def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
@@ -69,7 +44,7 @@ def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
     assert all(v["map"] >= 0.99 and v["map50"] >= 0.99 for v in report.validation), (
         report.validation
     )
-    held_map, held_map50 = _held_out_agreement(student, tmp_path)
+    held_map, held_map50 = held_out_agreement(student, tmp_path)
     assert held_map >= 0.99 and held_map50 >= 0.99
 
 

@@ -10,6 +10,7 @@ layer that was not pruned and whose inputs are exact is left as it is.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import time
@@ -92,11 +93,11 @@ def reconstruct(
 ) -> ReconstructReport:
     """Refit `student` in place; `kept[conv]` lists the teacher's output channels it kept.
 
-    Runs on `device`; the student is returned on the CPU.
+    Runs on `device`; the student is returned on the CPU, and the teacher is not moved.
     """
     started = time.perf_counter()
     student.to(device).eval()
-    teacher = teacher.to(device).eval()
+    teacher = copy.deepcopy(teacher).to(device).eval()
     frames = list(images)
     if settings.flip:
         frames += [np.ascontiguousarray(image[:, ::-1]) for image in frames]
@@ -436,7 +437,7 @@ class _OutputObjective:
         self.linear_bias = target_grad.sum(0)
 
     def value(self, weight: torch.Tensor, bias: torch.Tensor) -> float:
-        nonlinear = torch.zeros((), dtype=torch.float64)
+        nonlinear = torch.zeros((), dtype=torch.float64, device=weight.device)
         for part in self._parts():
             cls, normaliser, _box = self._logits(part, weight, bias)
             nonlinear += self._nonlinear(part, cls, normaliser)
@@ -447,7 +448,7 @@ class _OutputObjective:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.classes
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
-        nonlinear = torch.zeros((), dtype=torch.float64)
+        nonlinear = torch.zeros((), dtype=torch.float64, device=weight.device)
         for part in self._parts():
             cls, normaliser, box = self._logits(part, weight, bias)
             nonlinear += self._nonlinear(part, cls, normaliser)
