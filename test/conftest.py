@@ -27,6 +27,33 @@ def skip_without_gpu(reason: str) -> None:
     pytest.skip(reason)
 
 
+def letterboxed(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Frames as the network's 416x416 uint8 input, what calibration and training take."""
+    from compressed_perception.runtime.preprocess import Letterbox
+
+    letterbox = Letterbox(416, 416)
+    out = []
+    for image in images:
+        letterbox(image)
+        out.append(letterbox.buffer[0].copy())
+    return out
+
+
+def output_gap(model: Any, reference: Any, images: list[np.ndarray]) -> float:
+    """The distillation objective of torch `model` against `reference` summed over `images`
+    (letterboxed): how far a pruned or refitted model is from the original."""
+    import torch
+
+    from compressed_perception.compress.objective import discrepancy
+    from compressed_perception.compress.prune import normalized_batches
+
+    with torch.no_grad():
+        return sum(
+            float(sum(discrepancy(reference(batch), model(batch)).values()))
+            for batch in normalized_batches(reference, images)
+        )
+
+
 def held_out_agreement(model: Any, folder: Path) -> tuple[float, float]:
     """Agreement (mAP, mAP@.5) of a torch `model`, exported into `folder`, with the FP32
     original on the committed held-out frames, both run by ONNX Runtime."""

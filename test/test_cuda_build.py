@@ -11,21 +11,22 @@ import pytest
 torch = pytest.importorskip("torch", reason="the build stages need the build extra (torch)")
 pytest.importorskip("torch_pruning", reason="pruning needs the build extra")
 from compressed_perception.compress.distill import distill, resolve_precision  # noqa: E402
-from compressed_perception.compress.objective import discrepancy  # noqa: E402
-from compressed_perception.compress.prune import (  # noqa: E402
-    PruneSettings,
-    normalized_batches,
-    prune,
-)
+from compressed_perception.compress.prune import PruneSettings, prune  # noqa: E402
 from compressed_perception.compress.recipe import load_recipe  # noqa: E402
 from compressed_perception.compress.reconstruct import (  # noqa: E402
     ReconstructSettings,
     reconstruct,
 )
 from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
-from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
 
-from conftest import MODEL_DIR, ROOT, held_out_agreement, skip_without_gpu  # noqa: E402
+from conftest import (  # noqa: E402
+    MODEL_DIR,
+    ROOT,
+    held_out_agreement,
+    letterboxed,
+    output_gap,
+    skip_without_gpu,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,23 +41,6 @@ def _model():
 
 def _on_cpu(model) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
-
-
-def _letterboxed(images):
-    letterbox = Letterbox(416, 416)
-    out = []
-    for image in images:
-        letterbox(image)
-        out.append(letterbox.buffer[0].copy())
-    return out
-
-
-def _gap(model, reference, images) -> float:
-    with torch.no_grad():
-        return sum(
-            float(sum(discrepancy(reference(batch), model(batch)).values()))
-            for batch in normalized_batches(reference, images)
-        )
 
 
 def test_a_copy_of_the_teacher_stays_the_teacher_on_cuda(frames, tmp_path):
@@ -81,14 +65,14 @@ def test_a_copy_of_the_teacher_stays_the_teacher_on_cuda(frames, tmp_path):
 def test_prune_and_reconstruct_on_cuda_come_as_close_as_on_the_cpu(frames):
     """The GPU's convolutions round differently (TF32), so near-tied channels may be chosen
     differently; the model that comes back must still be as close to the original."""
-    calibration = _letterboxed(frames[1::10])
-    others = _letterboxed(frames[5::10])  # refitted on `calibration`, measured on these
+    calibration = letterboxed(frames[1::10])
+    others = letterboxed(frames[5::10])  # refitted on `calibration`, measured on these
     settings = PruneSettings(macs=0.7, calibration_frames=4, scan_ratios=(0.5,))
     gaps, kept = {}, {}
     for device in ("cpu", "cuda"):
         teacher, student = _model(), _model()
         kept[device] = prune(student, settings, calibration, device=device).kept
-        before = _gap(student, teacher, others)
+        before = output_gap(student, teacher, others)
         reconstruct(
             student,
             teacher,
@@ -98,7 +82,7 @@ def test_prune_and_reconstruct_on_cuda_come_as_close_as_on_the_cpu(frames):
             device=device,
         )
         assert _on_cpu(student) and _on_cpu(teacher)
-        gaps[device] = (before, _gap(student, teacher, others))
+        gaps[device] = (before, output_gap(student, teacher, others))
     same = sum(kept["cpu"][n] == kept["cuda"][n] for n in kept["cpu"]) / len(kept["cpu"])
     assert kept["cpu"].keys() == kept["cuda"].keys()
     assert gaps["cuda"][1] < 0.5 * gaps["cuda"][0], gaps

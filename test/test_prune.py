@@ -14,14 +14,12 @@ from torch import nn  # noqa: E402
 
 from compressed_perception.compress import prune as prune_module  # noqa: E402
 from compressed_perception.compress.export import export_onnx  # noqa: E402
-from compressed_perception.compress.objective import discrepancy  # noqa: E402
 from compressed_perception.compress.prune import PruneSettings, prune  # noqa: E402
 from compressed_perception.errors import ConfigError  # noqa: E402
 from compressed_perception.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from compressed_perception.models.nanodet import DeployModel  # noqa: E402
-from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, letterboxed, output_gap  # noqa: E402
 
 FAST = {"calibration_frames": 4, "scan_ratios": (0.5,)}
 
@@ -40,25 +38,13 @@ def _convs(model):
 
 @pytest.fixture(scope="module")
 def calibration(frames):
-    letterbox = Letterbox(416, 416)
-    images = []
-    for image in frames[::10]:
-        letterbox(image)
-        images.append(letterbox.buffer[0].copy())
-    return images
+    return letterboxed(frames[::10])
 
 
 @pytest.fixture(scope="module")
 def pruned(calibration):
     model = _model()
     return model, prune(model, PruneSettings(macs=0.6, **FAST), calibration)
-
-
-def _discrepancy(model, reference, calibration):
-    batch = prune_module.normalized_batches(reference, calibration)[0]
-    with torch.no_grad():
-        terms = discrepancy(reference(batch), model(batch))
-    return float(sum(terms.values()))
 
 
 def test_the_macs_budget_is_met(pruned):
@@ -133,7 +119,7 @@ def test_measured_importance_beats_weight_norm(calibration):
     prune(measured, PruneSettings(importance="reconstruction", **settings), calibration)
     prune(magnitude, PruneSettings(importance="magnitude", **settings), calibration)
     assert _convs(measured) == _convs(magnitude)  # the same shapes, other channels
-    assert _discrepancy(measured, reference, calibration) < 0.8 * _discrepancy(
+    assert output_gap(measured, reference, calibration) < 0.8 * output_gap(
         magnitude, reference, calibration
     )
 

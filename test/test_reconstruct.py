@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch", reason="reconstruction needs the build extr
 pytest.importorskip("torch_pruning", reason="reconstruction needs the build extra")
 from torch import nn  # noqa: E402
 
-from compressed_perception.compress.objective import discrepancy  # noqa: E402
 from compressed_perception.compress.prune import (  # noqa: E402
     PruneSettings,
     normalized_batches,
@@ -21,9 +20,8 @@ from compressed_perception.compress.reconstruct import (  # noqa: E402
 )
 from compressed_perception.errors import ConfigError, ModelError  # noqa: E402
 from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
-from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, letterboxed, output_gap  # noqa: E402
 
 SETTINGS = ReconstructSettings(calibration_frames=4)
 
@@ -34,21 +32,7 @@ def _model():
 
 @pytest.fixture(scope="module")
 def calibration(frames):
-    letterbox = Letterbox(416, 416)
-    images = []
-    for image in frames[1::10]:
-        letterbox(image)
-        images.append(letterbox.buffer[0].copy())
-    return images
-
-
-def _gap(model, reference, images):
-    total = 0.0
-    with torch.no_grad():
-        for batch in normalized_batches(reference, images):
-            terms = discrepancy(reference(batch), model(batch))
-            total += float(sum(terms.values()))
-    return total
+    return letterboxed(frames[1::10])
 
 
 def test_an_unpruned_model_is_left_as_it_is(calibration, frames):
@@ -75,14 +59,10 @@ def test_a_pruned_model_comes_much_closer(calibration, frames):
         macs=0.7, allocation="uniform", calibration_frames=4, scan_ratios=(0.5,)
     )
     kept = prune(student, settings, calibration).kept
-    others = []  # refitted on `calibration`, measured on other frames
-    letterbox = Letterbox(416, 416)
-    for image in frames[5::10]:
-        letterbox(image)
-        others.append(letterbox.buffer[0].copy())
-    before = _gap(student, teacher, others)
+    others = letterboxed(frames[5::10])  # refitted on `calibration`, measured on these
+    before = output_gap(student, teacher, others)
     report = reconstruct(student, teacher, kept, calibration, SETTINGS)
-    after = _gap(student, teacher, others)
+    after = output_gap(student, teacher, others)
     assert after < 0.5 * before, (before, after)
     assert all(layer["after"] <= layer["before"] for layer in report.layers.values())
     assert report.layers["head.preds.0"]["after"] < report.layers["head.preds.0"]["before"]
