@@ -54,6 +54,50 @@ def output_gap(model: Any, reference: Any, images: list[np.ndarray]) -> float:
         )
 
 
+def conv_graph(cast_first: bool = True, int8_input: bool = True, int8_weights: bool = True) -> Any:
+    """A one-convolution ONNX model as the build exports one: uint8 NHWC `images`, Cast and
+    Transpose (`permute`) in that order or the other, then Conv `conv`, its input and its
+    weights each through Q/DQ (`q_x`, `dq_x`, `dq_w`) or plain FP32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if cast_first:  # images -> Cast -> f -> Transpose -> x
+        cast_io, permute_io = ("images", "f"), ("f", "x")
+    else:  # images -> Transpose -> f -> Cast -> x
+        cast_io, permute_io = ("f", "x"), ("images", "f")
+    cast = helper.make_node("Cast", cast_io[:1], cast_io[1:], to=TensorProto.FLOAT, name="cast")
+    permute = helper.make_node(
+        "Transpose", permute_io[:1], permute_io[1:], perm=[0, 3, 1, 2], name="permute"
+    )
+    nodes = [cast, permute] if cast_first else [permute, cast]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s")]
+    conv_input = "x"
+    if int8_input:
+        inits.append(numpy_helper.from_array(np.array(128, np.uint8), "zpu"))
+        nodes += [
+            helper.make_node("QuantizeLinear", ["x", "s", "zpu"], ["xq"], name="q_x"),
+            helper.make_node("DequantizeLinear", ["xq", "s", "zpu"], ["xd"], name="dq_x"),
+        ]
+        conv_input = "xd"
+    weights = np.ones((2, 3, 1, 1), np.float32)
+    if int8_weights:
+        inits += [
+            numpy_helper.from_array(weights.astype(np.int8), "w_q"),
+            numpy_helper.from_array(np.array(0, np.int8), "zp8"),
+        ]
+        nodes.append(helper.make_node("DequantizeLinear", ["w_q", "s", "zp8"], ["w"], name="dq_w"))
+    else:
+        inits.append(numpy_helper.from_array(weights, "w"))
+    nodes.append(helper.make_node("Conv", [conv_input, "w"], ["y"], name="conv"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
 def held_out_agreement(model: Any, folder: Path) -> tuple[float, float]:
     """Agreement (mAP, mAP@.5) of a torch `model`, exported into `folder`, with the FP32
     original on the committed held-out frames, both run by ONNX Runtime."""

@@ -11,56 +11,16 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from compressed_perception.compress import graph_rules  # noqa: E402
 from compressed_perception.compress.quantize import KeepSettings, exact_patterns, kept_nodes  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, conv_graph  # noqa: E402
 
 
-def _conv_graph(first: str, qdq: bool, scale_type=TensorProto.FLOAT):
-    """images (uint8 NHWC) -> `first` -> ... -> Conv, optionally through Q/DQ."""
-    nodes, inits = [], []
-    if first == "Cast":
-        nodes += [
-            helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT, name="cast"),
-            helper.make_node("Transpose", ["f"], ["x"], perm=[0, 3, 1, 2], name="permute"),
-        ]
-    else:
-        nodes += [
-            helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2], name="permute"),
-            helper.make_node("Cast", ["t"], ["x"], to=TensorProto.FLOAT, name="cast"),
-        ]
-    weight = np.ones((2, 3, 1, 1), np.float32)
-    if qdq:
-        inits += [
-            numpy_helper.from_array(weight.astype(np.int8), "w_q"),
-            numpy_helper.from_array(np.array(0.1, np.float32).astype(_np(scale_type)), "s"),
-            numpy_helper.from_array(np.array(0, np.int8), "zp8"),
-            numpy_helper.from_array(np.array(128, np.uint8), "zpu"),
-        ]
-        nodes += [
-            helper.make_node("QuantizeLinear", ["x", "s", "zpu"], ["xq"], name="q_x"),
-            helper.make_node("DequantizeLinear", ["xq", "s", "zpu"], ["xd"], name="dq_x"),
-            helper.make_node("DequantizeLinear", ["w_q", "s", "zp8"], ["w"], name="dq_w"),
-            helper.make_node("Conv", ["xd", "w"], ["y"], name="conv"),
-        ]
-    else:
-        inits.append(numpy_helper.from_array(weight, "w"))
-        nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], name="conv"))
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-
-
-def _np(elem_type):
-    return {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}[elem_type]
+def _fp32(cast_first=True):
+    return conv_graph(cast_first, int8_input=False, int8_weights=False)
 
 
 def test_uint8_input_must_be_cast_first():
-    assert graph_rules.uint8_violations(_conv_graph("Cast", qdq=False)) == []
-    found = graph_rules.uint8_violations(_conv_graph("Transpose", qdq=False))
+    assert graph_rules.uint8_violations(_fp32()) == []
+    found = graph_rules.uint8_violations(_fp32(cast_first=False))
     assert len(found) == 1 and "'permute' (Transpose)" in found[0] and "Cast" in found[0]
 
 
@@ -71,24 +31,24 @@ def test_shipped_model_casts_its_uint8_input_first():
 
 
 def test_int8_convolutions_are_counted_from_the_graph():
-    assert graph_rules.convolutions(_conv_graph("Cast", qdq=True)).int8 == ("conv",)
-    plain = graph_rules.convolutions(_conv_graph("Cast", qdq=False))
+    assert graph_rules.convolutions(conv_graph()).int8 == ("conv",)
+    plain = graph_rules.convolutions(_fp32())
     assert plain.int8 == () and plain.other == ("conv",)
 
 
 def test_preflight_refuses_what_tensorrt_would():
-    assert graph_rules.qdq_preflight(_conv_graph("Cast", qdq=True), kept=[]) == []
-    bad = graph_rules.qdq_preflight(_conv_graph("Transpose", qdq=False), kept=[])
+    assert graph_rules.qdq_preflight(conv_graph(), kept=[]) == []
+    bad = graph_rules.qdq_preflight(_fp32(cast_first=False), kept=[])
     assert any("UINT8" in f for f in bad)
     assert any("no INT8 convolution" in f for f in bad)
     assert any("'conv' is not INT8" in f for f in bad)
     # kept in higher precision on purpose: not a violation, but a model with no INT8 is
     assert not any("'conv' is not INT8" in f for f in graph_rules.qdq_preflight(
-        _conv_graph("Cast", qdq=False), kept=["conv"]))  # fmt: skip
+        _fp32(), kept=["conv"]))  # fmt: skip
 
 
 def test_old_opset_is_refused():
-    model = _conv_graph("Cast", qdq=True)
+    model = conv_graph()
     model.opset_import[0].version = 12
     assert any("opset 12" in f for f in graph_rules.qdq_preflight(model, kept=[]))
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnx", reason="the TensorRT stage's graph checks need the build extra (onnx)")
-from onnx import TensorProto, helper, numpy_helper, save
+from onnx import save
 
 from compressed_perception.compress import tensorrt as trt_stage
 from compressed_perception.compress.build import Step, stage_inputs
@@ -45,7 +45,7 @@ from compressed_perception.runtime.detector import DYNAMIC_BATCH_LIMIT, Detector
 from compressed_perception.runtime.manifest import TensorSpec, create_manifest, load_manifest
 from compressed_perception.runtime.preprocess import Letterbox
 
-from conftest import MODEL_DIR, ROOT, skip_without_gpu
+from conftest import MODEL_DIR, ROOT, conv_graph, skip_without_gpu
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA_BINDING = any(importlib.util.find_spec(name) is not None for name in ("pycuda", "cuda"))
@@ -293,44 +293,6 @@ def test_key_extra_records_version_device_and_batch(monkeypatch):
 # --- preflight: what TensorRT's importer would refuse, proven here -----------------------
 
 
-def _qdq_model(cast_first=True, int8_weights=True):
-    """uint8 NHWC images -> Cast and Transpose (in that order or the other) -> Q/DQ -> Conv,
-    its weights INT8 through DequantizeLinear or plain FP32."""
-    if cast_first:  # images -> Cast -> a -> Transpose -> x
-        cast_io, nchw_io = ("images", "a"), ("a", "x")
-    else:  # images -> Transpose -> a -> Cast -> x
-        cast_io, nchw_io = ("a", "x"), ("images", "a")
-    cast = helper.make_node("Cast", [cast_io[0]], [cast_io[1]], to=TensorProto.FLOAT, name="cast")
-    nchw = helper.make_node("Transpose", [nchw_io[0]], [nchw_io[1]], perm=[0, 3, 1, 2], name="nchw")
-    nodes = [
-        *((cast, nchw) if cast_first else (nchw, cast)),
-        helper.make_node("QuantizeLinear", ["x", "s", "zpu"], ["xq"], name="q_x"),
-        helper.make_node("DequantizeLinear", ["xq", "s", "zpu"], ["xd"], name="dq_x"),
-    ]
-    inits = [
-        numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-        numpy_helper.from_array(np.array(128, np.uint8), "zpu"),
-    ]
-    weights = np.ones((2, 3, 1, 1), np.float32)
-    if int8_weights:
-        inits += [
-            numpy_helper.from_array(weights.astype(np.int8), "w_q"),
-            numpy_helper.from_array(np.array(0, np.int8), "zp8"),
-        ]
-        nodes.append(helper.make_node("DequantizeLinear", ["w_q", "s", "zp8"], ["w"], name="dq_w"))
-    else:
-        inits.append(numpy_helper.from_array(weights, "w"))
-    nodes.append(helper.make_node("Conv", ["xd", "w"], ["y"], name="conv"))
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-
-
 def _qdq_manifest(folder, model, batch=1):
     folder.mkdir()
     save(model, str(folder / "model.onnx"))
@@ -345,7 +307,7 @@ def _qdq_manifest(folder, model, batch=1):
 
 
 def test_preflight_passes_an_int8_model(tmp_path):
-    checked = preflight(_qdq_manifest(tmp_path / "m", _qdq_model()))
+    checked = preflight(_qdq_manifest(tmp_path / "m", conv_graph()))
     assert checked == {
         "preflight": "passed",
         "opset": 19,
@@ -355,14 +317,14 @@ def test_preflight_passes_an_int8_model(tmp_path):
 
 
 def test_preflight_refuses_a_qdq_model_without_int8_weights(tmp_path):
-    manifest = _qdq_manifest(tmp_path / "m", _qdq_model(int8_weights=False))
+    manifest = _qdq_manifest(tmp_path / "m", conv_graph(int8_weights=False))
     with pytest.raises(ModelError, match=r"would reject .*no INT8 convolution among 1"):
         preflight(manifest)
 
 
 def test_preflight_refuses_a_uint8_input_feeding_a_transpose(tmp_path):
-    manifest = _qdq_manifest(tmp_path / "m", _qdq_model(cast_first=False))
-    with pytest.raises(ModelError, match=r"node 'nchw' \(Transpose\) reads the UINT8 input"):
+    manifest = _qdq_manifest(tmp_path / "m", conv_graph(cast_first=False))
+    with pytest.raises(ModelError, match=r"node 'permute' \(Transpose\) reads the UINT8 input"):
         preflight(manifest)
 
 
@@ -372,7 +334,7 @@ def test_preflight_refuses_the_fp32_model(source):
 
 
 def test_stage_check_reports_the_profile_without_tensorrt(tmp_path):
-    parent = ModelRef(_qdq_manifest(tmp_path / "m", _qdq_model()), "key", None, None)
+    parent = ModelRef(_qdq_manifest(tmp_path / "m", conv_graph()), "key", None, None)
     context = BuildContext(Recipe(), load_manifest(MODEL_DIR), log=print, progress=False)
     checked = trt_stage.STAGE.check(context, parent, EngineSettings())
     assert checked["preflight"] == "passed"
