@@ -97,6 +97,10 @@ def test_report_has_every_stage_measured(quick_build):
         rows[("ort-int8", "onnxruntime")].file_bytes < rows[("distilled", "onnxruntime")].file_bytes
     )
     assert set(report.stages) == STAGES
+    # the keys name no machine, so the record says where each torch stage ran
+    for name in ("prune", "reconstruct", "distill"):
+        assert report.stages[name]["device"] == "cpu", name
+    assert "device" not in report.stages["ort-int8"]
     assert report.skipped.get("tensorrt")
     for engine in ("tensorrt", "tensorrt-unpruned"):  # checked here, without TensorRT
         assert report.checks[engine]["preflight"] == "passed"

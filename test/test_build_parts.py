@@ -121,6 +121,14 @@ def test_a_changed_setting_moves_only_the_keys_after_it():
     assert same == {"prune", "reconstruct", *unpruned}
 
 
+def test_keys_name_the_inputs_not_the_machine():
+    """A student pruned and distilled on a GPU is served to the same recipe's CPU build."""
+    source = _source({"model.onnx": "a" * 64, "model.pt": "b" * 64})
+    keys = {d: plan(parse_recipe({"device": d}, "r"), source) for d in ("cpu", "cuda", "auto")}
+    assert keys["cpu"] == keys["cuda"] == keys["auto"]
+    assert {"prune", "reconstruct", "distill"} <= dict(keys["cpu"]).keys()
+
+
 def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     import torch
 

@@ -218,7 +218,11 @@ class _Run:
         self.context.log(f"[{name}] ...")
 
         def produce(folder: Path) -> dict[str, Any]:
-            return step.stage.produce(self.context, parent, step.settings, folder)
+            info = step.stage.produce(self.context, parent, step.settings, folder)
+            if not step.stage.makes_student:
+                return info
+            # the key names the inputs, not the machine: the record says where torch ran it
+            return {**info, "device": self.context.device}
 
         result = self.cache.run(name, inputs, produce)
         how = "cached" if result.cached else f"done in {result.seconds:.1f} s"

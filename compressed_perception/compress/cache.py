@@ -2,8 +2,12 @@
 
 A stage's key covers its settings, its parent stages' keys, the source model's checksums
 and the package version, so a changed setting re-runs that stage and everything after it
-and nothing else. A stage folder appears only complete (built aside, then renamed), and
-its `stage.json` is written last inside it: a folder without one is never served.
+and nothing else. The key leaves out the machine on purpose: a student pruned and
+distilled on a GPU workstation is reused by the same recipe's build on the vehicle's CPU,
+which then only quantizes; the stage's record names the device it ran on and the
+arithmetic it trained in. A stage made for one machine (an engine) adds that machine to
+its key. A stage folder appears only complete (built aside, then renamed), and its
+`stage.json` is written last inside it: a folder without one is never served.
 """
 
 from __future__ import annotations
