@@ -88,11 +88,18 @@ def conv_graph(cast_first: bool = True, int8_input: bool = True, int8_weights: b
     else:
         inits.append(numpy_helper.from_array(weights, "w"))
     nodes.append(helper.make_node("Conv", [conv_input, "w"], ["y"], name="conv"))
+    return conv_model(nodes, inits, TensorProto.FLOAT)
+
+
+def conv_model(nodes: list[Any], inits: list[Any], output_type: int) -> Any:
+    """`nodes` from uint8 `images` (1, 4, 4, 3) to `y` (1, 2, 4, 4) as an opset 19 model."""
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("y", output_type, [1, 2, 4, 4])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from compressed_perception.compress import graph_rules  # noqa: E402
 from compressed_perception.compress.quantize import KeepSettings, exact_patterns, kept_nodes  # noqa: E402
 
-from conftest import MODEL_DIR, conv_graph  # noqa: E402
+from conftest import MODEL_DIR, conv_graph, conv_model  # noqa: E402
 
 
 def _fp32(cast_first=True):
@@ -81,14 +81,7 @@ def _fp16_network(weight_scale):
         numpy_helper.from_array(np.array(0, np.int8), "zp8"),
         numpy_helper.from_array(np.array(128, np.uint8), "zpu"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, [1, 4, 4, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 2, 4, 4])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    return conv_model(nodes, inits, TensorProto.FLOAT16)
 
 
 def test_scale_type_must_match_the_network():
