@@ -27,6 +27,13 @@ def skip_without_gpu(reason: str) -> None:
     pytest.skip(reason)
 
 
+def original_model() -> Any:
+    """A fresh torch copy of the packaged FP32 original, for a test to change or compare."""
+    from compressed_perception.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+
+
 def letterboxed(images: list[np.ndarray]) -> list[np.ndarray]:
     """Frames as the network's 416x416 uint8 input, what calibration and training take."""
     from compressed_perception.runtime.preprocess import Letterbox

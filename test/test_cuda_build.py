@@ -17,13 +17,12 @@ from compressed_perception.compress.reconstruct import (  # noqa: E402
     ReconstructSettings,
     reconstruct,
 )
-from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 
 from conftest import (  # noqa: E402
-    MODEL_DIR,
     ROOT,
     held_out_agreement,
     letterboxed,
+    original_model,
     output_gap,
     skip_without_gpu,
 )
@@ -33,10 +32,6 @@ from conftest import (  # noqa: E402
 def _cuda() -> None:
     if not torch.cuda.is_available():
         skip_without_gpu(f"torch {torch.__version__} sees no CUDA device")
-
-
-def _model():
-    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
 
 
 def _on_cpu(model) -> bool:
@@ -50,8 +45,8 @@ def test_a_copy_of_the_teacher_stays_the_teacher_on_cuda(frames, tmp_path):
     settings = dataclasses.replace(
         defaults, steps=36, validate_every=12, validation_frames=16, freeze_shared=False
     )
-    student = _model()
-    report = distill(student, _model(), frames, settings, device="cuda")
+    student = original_model()
+    report = distill(student, original_model(), frames, settings, device="cuda")
     assert report.precision == resolve_precision("auto", "cuda")
     assert [v["step"] for v in report.validation] == [0, 12, 24, 36]
     assert all(v["map"] >= 0.99 and v["map50"] >= 0.99 for v in report.validation), (
@@ -70,7 +65,7 @@ def test_prune_and_reconstruct_on_cuda_come_as_close_as_on_the_cpu(frames):
     settings = PruneSettings(macs=0.7, calibration_frames=4, scan_ratios=(0.5,))
     gaps, kept = {}, {}
     for device in ("cpu", "cuda"):
-        teacher, student = _model(), _model()
+        teacher, student = original_model(), original_model()
         kept[device] = prune(student, settings, calibration, device=device).kept
         before = output_gap(student, teacher, others)
         reconstruct(

@@ -14,15 +14,10 @@ from compressed_perception.compress.distill import DistillSettings, distill  # n
 from compressed_perception.compress.recipe import load_recipe  # noqa: E402
 from compressed_perception.datasets import FrameSource, load_frames  # noqa: E402
 from compressed_perception.errors import ConfigError  # noqa: E402
-from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 
-from conftest import MODEL_DIR, ROOT, held_out_agreement  # noqa: E402
+from conftest import ROOT, held_out_agreement, original_model  # noqa: E402
 
 SAMPLE_BAG = ROOT / "data" / "sample_bag"
-
-
-def _model():
-    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
 
 
 def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
@@ -35,8 +30,8 @@ def test_a_copy_of_the_teacher_stays_the_teacher(tmp_path):
     changes = {"steps": 36, "validate_every": 12, "freeze_shared": False}
     settings = DistillSettings(**{**defaults.__dict__, **changes})
     frames = load_frames(FrameSource(str(SAMPLE_BAG)))
-    student = _model()
-    report = distill(student, _model(), frames, settings)
+    student = original_model()
+    report = distill(student, original_model(), frames, settings)
     assert len(report.losses) == 36
     assert [v["step"] for v in report.validation] == [0, 12, 24, 36]
     # the training itself never drifted, not only the step kept: before steps within the
@@ -55,8 +50,8 @@ def test_a_copy_is_not_moved_at_all(precision):
     settings = DistillSettings(
         steps=6, validate_every=6, precision=precision, validation_frames=20, freeze_shared=False
     )
-    teacher = _model()
-    student = _model()
+    teacher = original_model()
+    student = original_model()
     report = distill(student, teacher, load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.precision == precision
     assert report.frozen == []
@@ -68,10 +63,10 @@ def test_a_copy_is_not_moved_at_all(precision):
 def test_a_real_difference_is_trained():
     """The floor holds rounding only: a student that differs from the teacher is trained."""
     settings = DistillSettings(steps=3, validate_every=3, warmup=0, validation_frames=20)
-    student = _model()
+    student = original_model()
     with torch.no_grad():
         student.head.preds[0].bias += 0.5
-    report = distill(student, _model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
+    report = distill(student, original_model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.steps_held == 0
     assert min(report.losses) > 100 * report.noise_floor > 0
 
@@ -81,7 +76,7 @@ def test_moved_samples_are_trained_on_the_teacher_s_outputs_for_them():
     unmoved frame would teach the student to see everything a few pixels off."""
     import numpy as np
 
-    teacher = _model()
+    teacher = original_model()
     frames = load_frames(FrameSource(str(SAMPLE_BAG), stop=12))
     samples = distill_module._Samples(frames, teacher, flip=False)
     cache = distill_module._TeacherCache(teacher, "cpu", "fp32")
@@ -109,8 +104,8 @@ def test_layers_shared_with_the_teacher_are_not_trained(monkeypatch):
     The weights are checked as trained, not as kept (the kept step may be step 0)."""
     monkeypatch.setattr(distill_module._Kept, "restore", lambda _self, _model: None)
     settings = DistillSettings(steps=3, validate_every=3, warmup=0, validation_frames=20)
-    teacher = _model()
-    student = _model()
+    teacher = original_model()
+    student = original_model()
     with torch.no_grad():
         student.backbone.stages[1].in_conv.conv.weight.mul_(0.9)
     given = distill_module._copied(student)
@@ -128,11 +123,11 @@ def test_layers_shared_with_the_teacher_are_not_trained(monkeypatch):
 def test_a_copy_is_shared_whole_and_not_trained():
     """A copy shares every layer: nothing is left to train, and no step is taken."""
     settings = DistillSettings(steps=2, validate_every=2, validation_frames=20)
-    student = _model()
-    report = distill(student, _model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
+    student = original_model()
+    report = distill(student, original_model(), load_frames(FrameSource(str(SAMPLE_BAG))), settings)
     assert report.frozen == _convolutions(student)
     assert report.steps_held == 2
-    original = _model().state_dict()
+    original = original_model().state_dict()
     assert all(torch.equal(v, original[k]) for k, v in student.state_dict().items())
 
 
@@ -167,7 +162,7 @@ def _score(step: int, merit: float) -> dict[str, float]:
 
 
 def test_the_latest_step_within_tolerance_of_the_best_is_kept():
-    model = _model()
+    model = original_model()
     kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
     kept.offer(model, _score(100, 0.64))
     _nudged(model)
@@ -184,7 +179,7 @@ def test_the_latest_step_within_tolerance_of_the_best_is_kept():
 
 
 def test_no_step_below_the_student_as_given_is_kept():
-    model = _model()
+    model = original_model()
     given = distill_module._copied(model)
     kept = distill_module._Kept(model, _score(0, 0.60), tolerance=0.01)
     _nudged(model)
@@ -205,7 +200,7 @@ def test_the_shipped_build_kept_the_step_its_validation_history_gives():
     report = json.loads((ROOT / "models" / "nanodet_g_compressed" / "report.json").read_text())
     info, recipe = report["stages"]["distill"], report["recipe"]["distill"]
     first, *rest = info["validation"]
-    model = _model()
+    model = original_model()
     kept = distill_module._Kept(model, first, tolerance=info["tolerance"])
     for result in rest:
         assert kept.stalled < recipe["patience"]
@@ -216,7 +211,7 @@ def test_the_shipped_build_kept_the_step_its_validation_history_gives():
 
 def test_too_few_frames_for_validation(frames):
     with pytest.raises(ConfigError, match=r"40 training frames, need more than validation_frames"):
-        distill(_model(), _model(), frames, DistillSettings(steps=1))
+        distill(original_model(), original_model(), frames, DistillSettings(steps=1))
 
 
 @pytest.mark.parametrize(

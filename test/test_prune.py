@@ -19,13 +19,9 @@ from compressed_perception.errors import ConfigError  # noqa: E402
 from compressed_perception.models.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from compressed_perception.models.nanodet import DeployModel  # noqa: E402
 
-from conftest import MODEL_DIR, letterboxed, output_gap  # noqa: E402
+from conftest import letterboxed, original_model, output_gap  # noqa: E402
 
 FAST = {"calibration_frames": 4, "scan_ratios": (0.5,)}
-
-
-def _model():
-    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
 
 
 def _convs(model):
@@ -43,7 +39,7 @@ def calibration(frames):
 
 @pytest.fixture(scope="module")
 def pruned(calibration):
-    model = _model()
+    model = original_model()
     return model, prune(model, PruneSettings(macs=0.6, **FAST), calibration)
 
 
@@ -74,7 +70,7 @@ def test_head_outputs_and_contract_are_kept(pruned):
 
 def test_kept_channels_are_the_originals(pruned):
     model, result = pruned
-    original = _model()
+    original = original_model()
     assert set(result.kept) == set(_convs(model))
     for name, conv in model.named_modules():
         if isinstance(conv, nn.Conv2d):
@@ -89,7 +85,7 @@ def test_kept_channels_are_the_originals(pruned):
 def test_removal_equals_folding_and_masking(calibration):
     """The surgery is exact: removing channels gives what zeroing them with their mean
     folded into the next layers' biases gives, so the measured effect is the real one."""
-    model = _model()
+    model = original_model()
     graph = prune_module.tp.DependencyGraph().build_dependency(
         model, example_inputs=torch.zeros(1, 3, 416, 416)
     )
@@ -114,8 +110,8 @@ def test_measured_importance_beats_weight_norm(calibration):
     """At the same budget and allocation, ranking channels by their measured effect keeps
     the model closer to the original than ranking them by weight norm."""
     settings = {"macs": 0.7, "allocation": "uniform", **FAST}
-    reference = _model()
-    measured, magnitude = _model(), _model()
+    reference = original_model()
+    measured, magnitude = original_model(), original_model()
     prune(measured, PruneSettings(importance="reconstruction", **settings), calibration)
     prune(magnitude, PruneSettings(importance="magnitude", **settings), calibration)
     assert _convs(measured) == _convs(magnitude)  # the same shapes, other channels
@@ -138,7 +134,7 @@ def test_pruned_checkpoint_reloads_and_exports(tmp_path, pruned):
 
 
 def test_protected_convolution_keeps_its_channels(calibration):
-    model = _model()
+    model = original_model()
     settings = PruneSettings(macs=0.8, protect=("neck.lateral.0",), allocation="uniform", **FAST)
     prune(model, settings, calibration)
     assert model.neck.lateral[0].out_channels == 128
@@ -147,7 +143,7 @@ def test_protected_convolution_keeps_its_channels(calibration):
 def test_a_budget_no_allocation_meets_is_refused(calibration):
     with pytest.raises(ConfigError, match=r"prune macs: 0.05 is below what pruning can reach"):
         prune(
-            _model(),
+            original_model(),
             PruneSettings(macs=0.05, allocation="uniform", calibration_frames=4),
             calibration,
         )
@@ -172,13 +168,13 @@ def test_bad_settings(settings, message):
 
 def test_bad_protect_and_missing_frames(calibration):
     with pytest.raises(ConfigError, match=r"no convolution \['neck.nowhere'\]"):
-        prune(_model(), PruneSettings(protect=("neck.nowhere",), **FAST), calibration)
+        prune(original_model(), PruneSettings(protect=("neck.nowhere",), **FAST), calibration)
     with pytest.raises(ConfigError, match="2 calibration frames, at least 4 needed"):
-        prune(_model(), PruneSettings(**FAST), calibration[:2])
+        prune(original_model(), PruneSettings(**FAST), calibration[:2])
 
 
 def test_frames_are_normalised_as_the_deployed_model_does(calibration):
-    model = _model()
+    model = original_model()
     batch = prune_module.normalized_batches(model, calibration[:1])[0]
     deploy = DeployModel(model)
     image = torch.from_numpy(np.ascontiguousarray(calibration[0]))[None]

@@ -19,15 +19,10 @@ from compressed_perception.compress.reconstruct import (  # noqa: E402
     reconstruct,
 )
 from compressed_perception.errors import ConfigError, ModelError  # noqa: E402
-from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 
-from conftest import MODEL_DIR, letterboxed, output_gap  # noqa: E402
+from conftest import letterboxed, original_model, output_gap  # noqa: E402
 
 SETTINGS = ReconstructSettings(calibration_frames=4)
-
-
-def _model():
-    return load_checkpoint(MODEL_DIR / "nanodet_g.pt")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +32,7 @@ def calibration(frames):
 
 def test_an_unpruned_model_is_left_as_it_is(calibration, frames):
     """Do no harm: refitting the original to itself changes nothing."""
-    teacher, student = _model(), _model()
+    teacher, student = original_model(), original_model()
     kept = {
         n: list(range(m.out_channels))
         for n, m in student.named_modules()
@@ -54,7 +49,7 @@ def test_an_unpruned_model_is_left_as_it_is(calibration, frames):
 
 
 def test_a_pruned_model_comes_much_closer(calibration, frames):
-    teacher, student = _model(), _model()
+    teacher, student = original_model(), original_model()
     settings = PruneSettings(
         macs=0.7, allocation="uniform", calibration_frames=4, scan_ratios=(0.5,)
     )
@@ -69,7 +64,7 @@ def test_a_pruned_model_comes_much_closer(calibration, frames):
 
 
 def test_a_record_that_does_not_fit_is_refused(calibration):
-    teacher, student = _model(), _model()
+    teacher, student = original_model(), original_model()
     kept = {
         n: list(range(m.out_channels))
         for n, m in student.named_modules()
@@ -175,7 +170,7 @@ def _inputs_match_full_passes(model, batches):
 
 
 def test_inputs_replayed_from_final_modules_are_those_of_full_passes(calibration):
-    model = _model().eval()
+    model = original_model().eval()
     batches = [batch[:1] for batch in normalized_batches(model, calibration[:2])] * 2
     still_replaying, replayed = _inputs_match_full_passes(model, batches)
     assert still_replaying
