@@ -14,7 +14,7 @@ from compressed_perception.errors import IntegrityError, ModelError  # noqa: E40
 from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 from compressed_perception.runtime.manifest import load_manifest, sha256_file  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, original_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def rebuilt(tmp_path_factory):
 
 
 def test_rebuild_reproduces_committed_weights(rebuilt):
-    committed = load_checkpoint(MODEL_DIR / "nanodet_g.pt").state_dict()
+    committed = original_model().state_dict()
     fresh = load_checkpoint(rebuilt.artifact("torch")).state_dict()
     assert committed.keys() == fresh.keys()
     for name, tensor in committed.items():

@@ -15,7 +15,7 @@ from compressed_perception.runtime.detector import Detector, FrameResult, StageT
 from compressed_perception.runtime.manifest import create_manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections
 
-from conftest import MODEL_DIR
+from conftest import MODEL_DIR, original_model
 
 
 def _msg(image, stamp):
@@ -52,12 +52,9 @@ def batch_detector(tmp_path_factory):
     pytest.importorskip("torch", reason="exporting a batch model needs torch ([torch] extra)")
     pytest.importorskip("onnx", reason="exporting a batch model needs onnx ([torch] extra)")
     from compressed_perception.compress.export import export_onnx
-    from compressed_perception.models.checkpoint import load_checkpoint
 
     folder = tmp_path_factory.mktemp("batch")
-    spec = export_onnx(
-        load_checkpoint(MODEL_DIR / "nanodet_g.pt"), folder / "m.onnx", dynamic_batch=True
-    )
+    spec = export_onnx(original_model(), folder / "m.onnx", dynamic_batch=True)
     base = load_manifest(MODEL_DIR)
     manifest = create_manifest(
         folder, {"onnx": "m.onnx"}, name="batch", classes=base.classes, precision="fp32", io=spec

@@ -20,7 +20,7 @@ from compressed_perception.runtime.backends import choose, open_backend  # noqa:
 from compressed_perception.runtime.manifest import create_manifest, load_manifest  # noqa: E402
 from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, original_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -134,11 +134,8 @@ def test_bf16_is_a_recorded_choice(ir_model, tmp_path, images):
 def test_a_dynamic_batch_model_takes_several_frames(tmp_path, images):
     pytest.importorskip("torch", reason="exporting a dynamic-batch model needs torch")
     from compressed_perception.compress.export import export_onnx
-    from compressed_perception.models.checkpoint import load_checkpoint
 
-    spec = export_onnx(
-        load_checkpoint(MODEL_DIR / "nanodet_g.pt"), tmp_path / "m.onnx", dynamic_batch=True
-    )
+    spec = export_onnx(original_model(), tmp_path / "m.onnx", dynamic_batch=True)
     base = load_manifest(MODEL_DIR)
     manifest = create_manifest(
         tmp_path, {"onnx": "m.onnx"}, name="b", classes=base.classes, precision="fp32", io=spec

@@ -8,11 +8,10 @@ import pytest
 torch = pytest.importorskip("torch", reason="the imported model needs the build extra (torch)")
 
 from compressed_perception.errors import ModelError  # noqa: E402
-from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 from compressed_perception.models.tfjs import TfjsGraph  # noqa: E402
 from compressed_perception.runtime.preprocess import Letterbox  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import MODEL_DIR, original_model  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -31,7 +30,7 @@ def _network_input(image: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
 
 @pytest.mark.parametrize("index", [0, 13, 26, 39])
 def test_module_matches_tfjs_graph_on_real_frames(graph, frames, index):
-    model = load_checkpoint(MODEL_DIR / "nanodet_g.pt")
+    model = original_model()
     x = _network_input(frames[index], model.config.mean, model.config.std)
     reference = graph.run({"input_1": x})
     with torch.no_grad():

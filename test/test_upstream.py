@@ -12,9 +12,8 @@ from torch import nn  # noqa: E402
 
 from compressed_perception.compress.prune import normalized_batches  # noqa: E402
 from compressed_perception.compress.upstream import Upstream  # noqa: E402
-from compressed_perception.models.checkpoint import load_checkpoint  # noqa: E402
 
-from conftest import MODEL_DIR  # noqa: E402
+from conftest import original_model  # noqa: E402
 
 # a conv per depth: the first reads the image (nothing to replay), the last is the head's
 CHANGES = (
@@ -47,7 +46,7 @@ def _equal(a: list, b: list) -> bool:
 
 @pytest.fixture(scope="module")
 def model_and_batch(frames):
-    model = load_checkpoint(MODEL_DIR / "nanodet_g.pt").eval()
+    model = original_model().eval()
     images = [frame[:416, :416].copy() for frame in frames[:2]]
     return model, normalized_batches(model, images)[0]
 
