@@ -286,6 +286,7 @@ def _record(source: str, index: int, result: FrameResult, labels: Sequence[str])
             "inference": round(result.latency_ms.inference, 3),
             "postprocess": round(result.latency_ms.postprocess, 3),
         },
+        "unfitted": result.unfitted,  # why the model sees it less faithfully, or None
     }
 
 
@@ -338,6 +339,7 @@ class _Summary:
         self.labels = labels
         self.frames = 0
         self.counts: Counter[str] = Counter()
+        self.unfitted: list[str] = []
         self.latency: dict[str, list[float]] = {
             "preprocess": [],
             "inference": [],
@@ -347,6 +349,8 @@ class _Summary:
     def add(self, record: dict[str, Any]) -> None:
         self.frames += 1
         self.counts.update(d["label"] for d in record["detections"])
+        if record["unfitted"]:
+            self.unfitted.append(record["unfitted"])
         for stage, values in self.latency.items():
             values.append(record["latency_ms"][stage])
 
@@ -356,11 +360,14 @@ class _Summary:
         totals = np.sum(list(self.latency.values()), axis=0)
         found = ", ".join(f"{n} {label}" for label, n in self.counts.most_common()) or "nothing"
         stages = ", ".join(f"{s} {np.median(v):.1f}" for s, v in self.latency.items())
-        return (
+        text = (
             f"{self.frames} frames with {manifest} on {backend}: found {found}\n"
             f"median latency ms: {stages}; total {np.median(totals):.1f} "
             f"({1000 / np.median(totals):.1f} frames/s)"
         )
+        if self.unfitted:
+            text += f"\n{len(self.unfitted)} frames less faithful: {self.unfitted[0]}"
+        return text
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -138,6 +138,26 @@ def held_out_agreement(model: Any, folder: Path) -> tuple[float, float]:
     return result.map, result.map50
 
 
+def fitted_detector_on(folder: Path, frames: list[np.ndarray]) -> Any:
+    """The build's fit_input stage itself on `frames` (4:3: a 416x352 input), its model in
+    `folder`, opened as the runtime opens any."""
+    from types import SimpleNamespace
+
+    from compressed_perception.compress import fit_input
+    from compressed_perception.compress.recipe import ExportSettings
+    from compressed_perception.compress.stage import ModelRef
+    from compressed_perception.runtime.backends import open_backend
+    from compressed_perception.runtime.detector import Detector
+    from compressed_perception.runtime.manifest import load_manifest
+
+    context = SimpleNamespace(train_frames=frames, recipe=SimpleNamespace(export=ExportSettings()))
+    parent = ModelRef(load_manifest(MODEL_DIR), "key", None, None)
+    info = fit_input.STAGE.produce(context, parent, fit_input.FitInputSettings(), folder)
+    assert info["input_after"] == [352, 416] and info["frame_sizes"] == [[768, 576]]
+    manifest = load_manifest(folder)
+    return Detector(manifest, open_backend(manifest, "onnxruntime"))
+
+
 @pytest.fixture(scope="session")
 def frame_paths() -> list[Path]:
     paths = sorted(FRAMES_DIR.glob("vtest_*.jpg"))

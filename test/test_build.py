@@ -25,12 +25,13 @@ from compressed_perception.compress.quantize_openvino import (  # noqa: E402
 from compressed_perception.compress.recipe import load_recipe  # noqa: E402
 from compressed_perception.compress.report import load_report, summary  # noqa: E402
 from compressed_perception.runtime.detector import Detector  # noqa: E402
-from compressed_perception.runtime.manifest import load_manifest  # noqa: E402
+from compressed_perception.runtime.manifest import FITTED_FROM, load_manifest  # noqa: E402
 
 from conftest import FRAMES_DIR, MODEL_DIR, ROOT  # noqa: E402
 
 RECIPE = ROOT / "config" / "build.yaml"
 STAGES = {
+    "fit_input",
     "prune",
     "reconstruct",
     "distill",
@@ -53,7 +54,7 @@ def quick_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
 
 def test_report_has_every_stage_measured(quick_build):
-    _, files = quick_build
+    out, files = quick_build
     assert {files[k].name for k in ("json", "md", "png")} == {
         "report.json",
         "report.md",
@@ -65,6 +66,7 @@ def test_report_has_every_stage_measured(quick_build):
         ("fp32", "onnxruntime"),
         ("fp32", "torch"),
         ("fp32", "openvino"),
+        ("fitted", "onnxruntime"),
         ("pruned", "onnxruntime"),
         ("reconstructed", "onnxruntime"),
         ("distilled", "onnxruntime"),
@@ -85,7 +87,17 @@ def test_report_has_every_stage_measured(quick_build):
     assert rows[("fp32", "openvino")].accuracy["map50"] > 0.98  # f32 inference, not bf16
     assert rows[("ort-int8-unpruned", "onnxruntime")].accuracy["map50"] > 0.8
     assert rows[("openvino-int8-unpruned", "openvino")].accuracy["map50"] > 0.8
-    assert rows[("pruned", "onnxruntime")].macs <= 0.6 * rows[("fp32", "onnxruntime")].macs
+    # the input trimmed to the 4:3 frames, the content on the original's grid: fewer MACs,
+    # the same detections; the budget counts it, and the unpruned INT8 models start from it
+    original, fitted = rows[("fp32", "onnxruntime")], rows[("fitted", "onnxruntime")]
+    assert fitted.macs < 0.9 * original.macs and fitted.accuracy["map50"] > 0.98
+    assert rows[("pruned", "onnxruntime")].macs <= 0.6 * original.macs
+    assert report.stages["fit_input"]["input_after"] == [352, 416]
+    for row in ("ort-int8-unpruned", "openvino-int8-unpruned", "qdq-int8-unpruned"):
+        manifest = load_manifest(out / rows[(row, _backend_name(row))].path)
+        assert (manifest.io.height, manifest.io.width) == (352, 416), row
+        # what the runtime needs to tell which cameras' frames the input fits
+        assert manifest.architecture[FITTED_FROM] == {"input_size": [416, 416], "stride": 32}
     # reconstruction brings the pruned model closer to the original, with no training
     assert (
         rows[("reconstructed", "onnxruntime")].accuracy["map50"]
@@ -98,7 +110,7 @@ def test_report_has_every_stage_measured(quick_build):
     )
     assert set(report.stages) == STAGES
     # the keys name no machine, so the record says where each torch stage ran
-    for name in ("prune", "reconstruct", "distill"):
+    for name in ("fit_input", "prune", "reconstruct", "distill"):
         assert report.stages[name]["device"] == "cpu", name
     assert "device" not in report.stages["ort-int8"]
     assert report.skipped.get("tensorrt")
@@ -134,6 +146,10 @@ def test_quantization_keeps_what_the_student_sees(quick_build):
     student = rows["distilled"].accuracy["map50"]
     for stage in ("ort-int8", "openvino-int8", "qdq-int8"):
         assert rows[stage].accuracy["map50"] >= student - 0.1, stage
+
+
+def _backend_name(row: str) -> str:
+    return "openvino" if row.startswith("openvino") else "onnxruntime"
 
 
 def _stages(out):
@@ -184,7 +200,8 @@ def test_the_decode_check_finds_a_quantized_decode(quick_build, tmp_path):
 
     out, _ = quick_build
     source = load_manifest(next(out.glob("stages/prune-*/manifest.json")))
-    images = np.stack([np.full((416, 416, 3), v, np.uint8) for v in (40, 120, 200)])
+    shape = (source.io.height, source.io.width, 3)
+    images = np.stack([np.full(shape, v, np.uint8) for v in (40, 120, 200)])
     model = ov.Core().read_model(str(source.artifact("onnx")))
     with_decode = nncf.quantize(model, nncf.Dataset(list(images), lambda x: x[None]), subset_size=3)
     ov.save_model(with_decode, str(tmp_path / "model.xml"))
@@ -222,6 +239,7 @@ def test_rerun_is_served_from_cache_and_a_changed_setting_redoes_what_depends_on
     report = load_report(out / "report.json")
     cached = {name: stage["cached"] for name, stage in report.stages.items()}
     assert cached == {
+        "fit_input": True,
         "prune": True,
         "reconstruct": True,
         "distill": False,

@@ -95,9 +95,11 @@ def test_cache_keys_of_stages_whose_output_did_not_change_are_stable():
     """The stage registry must not move cache keys: these are the keys the build used
     before stages were registered (ONNX Runtime INT8 of an unpruned model), and since
     Q/DQ's key moved on purpose (revision 2: its first revision, 5e5197670d8a0d30,
-    excluded every convolution) and OpenVINO's stage came."""
+    excluded every convolution) and OpenVINO's stage came; fit_input, registered since, is
+    off here, as it was then."""
     source = _source({"model.onnx": "a" * 64, "model.pt": "b" * 64})
-    recipe = parse_recipe({"prune": None, "reconstruct": None, "distill": None}, "r")
+    off = {"fit_input": None, "prune": None, "reconstruct": None, "distill": None}
+    recipe = parse_recipe(off, "r")
     keys = dict(plan(recipe, source))
     assert keys["ort-int8"] == "ca2c7cc190ad34ce"
     assert keys["quantize_qdq"] == "833d7ca301827287"
@@ -118,7 +120,21 @@ def test_a_changed_setting_moves_only_the_keys_after_it():
     )
     same = {name for name in before if before[name] == changed[name]}
     unpruned = {"ort-int8-unpruned", "openvino-int8-unpruned", "quantize_qdq-unpruned"}
-    assert same == {"prune", "reconstruct", *unpruned}
+    assert same == {"fit_input", "prune", "reconstruct", *unpruned}
+
+
+def test_a_fitted_input_stands_for_the_original_in_the_unpruned_variants():
+    """fit_input changes how the original is fed, not what it is: the unpruned INT8 models
+    are made from it, and with nothing else changing the model they are not made twice."""
+    source = _source({"model.onnx": "a" * 64, "model.pt": "b" * 64})
+    recipe = load_recipe(ROOT / "config" / "build.yaml")
+    fitted = dict(plan(recipe, source))
+    unfitted = dict(plan(recipe.with_stage("fit_input", None), source))
+    for name in ("ort-int8-unpruned", "openvino-int8-unpruned", "quantize_qdq-unpruned"):
+        assert fitted[name] != unfitted[name], name
+    untrained = {"prune": None, "reconstruct": None, "distill": None}
+    only = dict(plan(parse_recipe(untrained, "r"), source))
+    assert "fit_input" in only and "ort-int8" in only and "ort-int8-unpruned" not in only
 
 
 def test_keys_name_the_inputs_not_the_machine():

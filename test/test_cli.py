@@ -15,7 +15,7 @@ from compressed_perception.cli import main
 from compressed_perception.resources import resolve_model
 from compressed_perception.runtime.manifest import load_manifest
 
-from conftest import FRAMES_DIR
+from conftest import FRAMES_DIR, fitted_detector_on
 
 
 def _run(capsys, *argv):
@@ -52,6 +52,24 @@ def test_detect_writes_json_lines_and_annotations(tmp_path, capsys, frame_paths)
     annotated = sorted(p.name for p in (tmp_path / "ann").iterdir())
     assert annotated == [f"{frame_paths[0].stem}.jpg", f"{frame_paths[1].stem}.jpg"]
     assert "2 frames" in stdout and "person" in stdout
+    assert first["unfitted"] is None and "less faithful" not in stdout
+
+
+def test_detect_says_which_frames_a_fitted_input_does_not_fit(tmp_path, capsys, frames):
+    """The build's input trimmed to 4:3 frames; a square image is still detected, and the
+    record and summary say it is seen less faithfully than by the original."""
+    pytest.importorskip("torch", reason="fitting the input needs torch ([torch] extra)")
+    model = fitted_detector_on(tmp_path / "model", frames).manifest.path
+    square, wide = tmp_path / "square.png", tmp_path / "wide.png"
+    cv2.imwrite(str(square), frames[0][:, :576])
+    cv2.imwrite(str(wide), frames[0])
+    out = tmp_path / "det.jsonl"
+    code, stdout, err = _run(capsys, "detect", square, wide, "--model", model, "--json", out)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["unfitted"].startswith("576x576 frames do not fit the 416x352 input")
+    assert records[1]["unfitted"] is None and records[1]["detections"]
+    assert "\n1 frames less faithful: 576x576 frames do not fit" in stdout
 
 
 def test_detect_video_numbers_frames(tmp_path, capsys, frames):

@@ -15,7 +15,7 @@ from compressed_perception.runtime.detector import Detector, FrameResult, StageT
 from compressed_perception.runtime.manifest import create_manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections
 
-from conftest import MODEL_DIR, original_model
+from conftest import MODEL_DIR, fitted_detector_on, original_model
 
 
 def _msg(image, stamp):
@@ -343,3 +343,25 @@ def test_a_frame_whose_publishing_raises_is_counted_failed_not_processed(static_
     assert calls == [1, 2] and [s for _, s, _ in sink.published] == [2]
     assert (core.stats[0].failed, core.stats[0].processed) == (1, 1)
     assert "frame not processed: RuntimeError(\"publisher's context" in sink.warnings[0]
+
+
+def test_frames_that_do_not_fit_a_fitted_input_warn_once_and_show_in_diagnostics(tmp_path, frames):
+    """A model whose input the build trimmed to 4:3 frames, given a square camera's: it
+    still detects, less faithfully, and the node says so once and while it lasts."""
+    pytest.importorskip("torch", reason="fitting the input needs torch ([torch] extra)")
+    sink = Sink()
+    detector = fitted_detector_on(tmp_path, frames)
+    core = PerceptionCore(detector, ["/cam"], False, sink.publish, sink.warnings.append)
+    core.start()
+    square = np.ascontiguousarray(frames[0][:, :576])
+    for stamp in (1, 2):
+        core.on_message(0, _msg(square, stamp))
+        sink.wait(stamp)
+    status = core.diagnostics("onnxruntime", "m")[0]
+    core.on_message(0, _msg(frames[1], 3))
+    sink.wait(3)
+    fits = core.diagnostics("onnxruntime", "m")[0]
+    core.stop()
+    assert status.level == 1 and status.message.startswith("576x576 frames do not fit")
+    assert sink.warnings == [f"/cam: {status.message}"]
+    assert fits.level == 0 and fits.message == "ok"

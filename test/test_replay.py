@@ -33,7 +33,7 @@ from compressed_perception.ros.messages import (
 from compressed_perception.runtime.detector import Detector
 from compressed_perception.runtime.manifest import load_manifest
 
-from conftest import MODEL_DIR
+from conftest import MODEL_DIR, fitted_detector_on
 
 FRAMES = 6
 STORE = typestore()
@@ -49,14 +49,18 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def video(tmp_path_factory, frames):
-    path = tmp_path_factory.mktemp("video") / "street.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (768, 576))
-    for image in frames[:FRAMES]:
-        writer.write(image)
+def _write_video(path, images):
+    height, width = images[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
+    for image in images:
+        writer.write(np.ascontiguousarray(image))
     writer.release()
     return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory, frames):
+    return _write_video(tmp_path_factory.mktemp("video") / "street.avi", frames[:FRAMES])
 
 
 def _sample(capsys, video, out, *extra):
@@ -115,7 +119,9 @@ def test_every_frame_gets_detections_with_its_header(tmp_path, capsys, video, st
         "detections_topic": "/camera/detections",
         "frames": FRAMES,
         "decode_failures": 0,
+        "unfitted_frames": 0,
     }
+    assert metrics["unfitted"] is None
     assert metrics["detections_per_class"]["person"] >= 3 * FRAMES
     assert set(metrics["latency_ms"]) == {"preprocess", "inference", "postprocess"}
     assert f"frames {FRAMES}, decode failures 0" in stdout
@@ -552,3 +558,23 @@ def test_ground_truth_without_a_class_or_with_a_foreign_one_is_named():
         _truth_detections(
             types.SimpleNamespace(detections=[det(hypothesis("pedestrian"))]), manifest, where
         )
+
+
+def test_frames_a_fitted_input_does_not_fit_are_counted(tmp_path, capsys, frames):
+    """A model whose input the build trimmed to 4:3 frames, replayed on a square camera's:
+    every frame still gets its detections, and the metrics and summary say why they are
+    less faithful than the original's."""
+    pytest.importorskip("torch", reason="fitting the input needs torch ([torch] extra)")
+    model = fitted_detector_on(tmp_path / "model", frames).manifest.path
+    square = _write_video(tmp_path / "square.avi", [f[:, :576] for f in frames[:FRAMES]])
+    bag = _sample(capsys, square, tmp_path / "in")
+    metrics_path = tmp_path / "metrics.json"
+    code, stdout, err = _run(
+        capsys, "replay", bag, "--out", tmp_path / "out", "--metrics", metrics_path,
+        "--model", model,
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads(metrics_path.read_text())
+    assert [t["unfitted_frames"] for t in metrics["topics"].values()] == [FRAMES]
+    assert metrics["unfitted"].startswith("576x576 frames do not fit the 416x352 input")
+    assert f"{FRAMES} frames less faithful: 576x576 frames do not fit" in stdout

@@ -31,8 +31,10 @@ def write_model(
     *,
     dynamic_batch: bool,
     extra: dict[str, str] | None = None,
+    architecture: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Checkpoint, verified ONNX and manifest of an FP32 model a stage made."""
+    """Checkpoint, verified ONNX and manifest of an FP32 model a stage made; `architecture`
+    adds entries that later stages' models inherit."""
     model = model.cpu().eval()
     save_checkpoint(model, folder / "model.pt")
     spec = export_onnx(model, folder / "model.onnx", dynamic_batch=dynamic_batch)
@@ -44,7 +46,7 @@ def write_model(
         precision="fp32",
         stage=stage,
         io=spec,
-        architecture={**parent.architecture, **model.config.to_dict()},
+        architecture={**parent.architecture, **model.config.to_dict(), **(architecture or {})},
     )
 
 

@@ -63,7 +63,10 @@ class Step:
 def schedule(recipe: Recipe) -> Iterator[Step]:
     """The stage runs of `recipe`, in order. A variant on the original model is dropped when
     no earlier stage changed the model: it would be the student variant again."""
-    changes = any(s.makes_student and recipe.stage(s.section) is not None for s in STAGES)
+    changes = any(
+        s.makes_student and not s.replaces_original and recipe.stage(s.section) is not None
+        for s in STAGES
+    )
     for stage in STAGES:
         settings = recipe.stage(stage.section)
         if settings is None:
@@ -105,6 +108,8 @@ def plan(recipe: Recipe, source: Manifest) -> list[tuple[str, str]]:
         keys.setdefault(step.stage.section, key)
         if step.stage.makes_student:
             keys[STUDENT] = key
+        if step.stage.replaces_original:
+            keys[ORIGINAL] = key
     return found
 
 
@@ -207,6 +212,8 @@ class _Run:
         self.models.setdefault(variant.cache, ref)  # a later stage may take one variant
         if stage.makes_student:
             self.models[STUDENT] = ref
+        if stage.replaces_original:
+            self.models[ORIGINAL] = ref
         self.candidates.append(_candidate(variant.row, ref, stage.backend, cpu=stage.cpu))
         if stage.tables is not None:
             for name, table in stage.tables(result.info).items():

@@ -619,7 +619,12 @@ def _produce(
         bar.set_postfix(loss=f"{loss:.4f}")
 
     report = distill(
-        student, context.teacher(), context.train_frames, settings, advance, context.device
+        student,
+        context.teacher(student.config.input_size),
+        context.train_frames,
+        settings,
+        advance,
+        context.device,
     )
     bar.close()
     losses = {"total": report.losses, **report.parts}

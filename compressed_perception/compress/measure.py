@@ -36,7 +36,8 @@ from compressed_perception.sources import read_image
 CANDIDATE_THRESHOLD = 0.05  # the candidate's whole precision-recall curve is scored
 REFERENCE = ("fp32", "onnxruntime")
 CPU_INT8_ROWS = ("openvino-int8", "ort-int8")  # the student's CPU INT8 artifact, by preference
-STUDENT_ROWS = ("distilled", "reconstructed", "pruned")  # the FP32 student, latest stage first
+# the FP32 student, latest stage first (fitted: the original with its input trimmed)
+STUDENT_ROWS = ("distilled", "reconstructed", "pruned", "fitted")
 BEFORE_DISTILLATION = ("reconstructed", "pruned")
 MAX_MACS = 0.60
 MIN_RECONSTRUCTED_MAP50 = 0.70

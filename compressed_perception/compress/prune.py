@@ -20,6 +20,7 @@ bins of the I/O contract.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressed_perception.atomic import write_json
-from compressed_perception.compress.artifacts import torch_model, write_model
+from compressed_perception.compress.artifacts import counts, torch_model, write_model
 from compressed_perception.compress.linear import (
     gram,
     ridge_solve,
@@ -666,7 +667,9 @@ def _produce(
 ) -> dict[str, Any]:
     model = torch_model(parent.manifest, "pruning")
     images = context.calibration(settings.calibration_frames, parent.manifest)
-    result = prune(model, settings, list(images), device=context.device)
+    original = counts(context.source)[1]
+    share = _share_of_parent(settings.macs, parent, original)
+    result = prune(model, dataclasses.replace(settings, macs=share), list(images), context.device)
     write_json(folder / KEPT, result.kept)
     write_model(
         model,
@@ -675,7 +678,24 @@ def _produce(
         "pruned",
         dynamic_batch=context.recipe.export.dynamic_batch,
     )
-    return result.report.to_dict()
+    info = result.report.to_dict()
+    if original:
+        info["macs_of_original"] = round(result.report.macs_after / original, 4)
+    return info
+
+
+def _share_of_parent(budget: float, parent: ModelRef, original: int | None) -> float:
+    """The budget, a share of the original's MACs, as a share of the parent's: they differ
+    where an earlier stage (a fitted input) already cut them."""
+    if not original or not parent.macs or parent.macs == original:
+        return budget
+    share = budget * original / parent.macs
+    if share >= 1.0:
+        raise ConfigError(
+            f"prune macs: {budget} of the original's MACs leaves nothing to prune: "
+            f"{parent.manifest.name} already has {parent.macs / original:.3f} of them"
+        )
+    return share
 
 
 def _tables(info: dict[str, Any]) -> dict[str, Table]:

@@ -522,7 +522,13 @@ def _produce(
         bar.update(done - bar.n)
 
     report = reconstruct(
-        student, context.teacher(), kept, list(images), settings, advance, context.device
+        student,
+        context.teacher(student.config.input_size),
+        kept,
+        list(images),
+        settings,
+        advance,
+        context.device,
     )
     bar.close()
     write_json(folder / KEPT, kept)

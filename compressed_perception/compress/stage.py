@@ -68,6 +68,9 @@ class Stage:
     produce: Callable[[BuildContext, ModelRef, Any, Path], dict[str, Any]]
     variants: tuple[Variant, ...]
     makes_student: bool = False  # its output is the model later stages start from
+    # its output is the source model itself, fed differently (not trained, not pruned):
+    # later variants on the original take it
+    replaces_original: bool = False
     backend: str = "onnxruntime"  # the runtime backend its output is measured with
     cpu: bool = True  # a CPU artifact, eligible for best.json
     uses_frames: bool = True  # training frames go into the cache key
@@ -110,11 +113,14 @@ class BuildContext:
             batch[slot] = letterbox.buffer[0]
         return batch
 
-    def teacher(self) -> NanoDet:
-        """The source model in PyTorch, which pruning and distillation need."""
+    def teacher(self, input_size: tuple[int, int] | None = None) -> NanoDet:
+        """The source model in PyTorch, which reconstruction and distillation need, fed
+        `input_size` (a fitted student's) so that its outputs line up with the student's."""
         from compressed_perception.compress.artifacts import torch_model
+        from compressed_perception.compress.fit_input import with_input_size
 
-        return torch_model(self.source, "the source model")
+        model = torch_model(self.source, "the source model")
+        return model if input_size is None else with_input_size(model, input_size)
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

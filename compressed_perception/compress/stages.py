@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from compressed_perception.compress import (
     distill,
+    fit_input,
     prune,
     quantize,
     quantize_openvino,
@@ -13,6 +14,7 @@ from compressed_perception.compress import (
 from compressed_perception.compress.stage import Stage
 
 STAGES: tuple[Stage, ...] = (
+    fit_input.STAGE,
     prune.STAGE,
     reconstruct.STAGE,
     distill.STAGE,

@@ -291,6 +291,8 @@ class _Stats:
         self.truth: dict[str, Any] = {}
         self.truth_failures: list[dict[str, Any]] = []
         self.evaluated: list[tuple[str, tuple[int, int], Detections, Detections | None]] = []
+        self.unfitted: Counter[str] = Counter()  # frames the model's trimmed input does not fit
+        self.unfitted_why: str | None = None
 
     def fail(self, frame: _Frame, path: Path) -> None:
         self.failures.append(_failure(frame, path))
@@ -307,6 +309,9 @@ class _Stats:
         self, frame: _Frame, result: FrameResult, published: Detections, ref: Detections | None
     ) -> None:
         self.frames[frame.topic] += 1
+        if result.unfitted:
+            self.unfitted[frame.topic] += 1
+            self.unfitted_why = self.unfitted_why or result.unfitted
         for stage in STAGES:
             self.latency[stage].append(getattr(result.latency_ms, stage))
         self.classes.update(self.labels[int(c)] for c in published.class_ids)
@@ -315,7 +320,11 @@ class _Stats:
 
     def per_topic(self, topic: str) -> dict[str, int]:
         failed = sum(1 for f in self.failures if f["topic"] == topic)
-        return {"frames": self.frames[topic], "decode_failures": failed}
+        return {
+            "frames": self.frames[topic],
+            "decode_failures": failed,
+            "unfitted_frames": self.unfitted[topic],
+        }
 
     def metrics(self, wall: float) -> dict[str, Any]:
         total = sum(self.frames.values())
@@ -327,6 +336,7 @@ class _Stats:
             "throughput_fps": round(total / wall, 2) if wall > 0 else None,
             "latency_ms": latency,
             "detections_per_class": dict(self.classes.most_common()),
+            "unfitted": self.unfitted_why,  # the first such frame's reason, or None
         }
 
     def agreement(self, labels: Sequence[str]) -> dict[str, Any]:

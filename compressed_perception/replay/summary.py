@@ -21,6 +21,9 @@ def summarize(metrics: dict[str, Any]) -> str:
         f"{s} {v['p50']:.1f}/{v['p99']:.1f}" for s, v in metrics["latency_ms"].items()
     )
     lines.append(f"  latency ms p50/p99: {stages}")
+    if metrics.get("unfitted"):
+        count = sum(info["unfitted_frames"] for info in metrics["topics"].values())
+        lines.append(f"  {count} frames less faithful: {metrics['unfitted']}")
     found = ", ".join(f"{n} {c}" for c, n in metrics["detections_per_class"].items()) or "nothing"
     lines.append(f"  detections: {found}")
     for key, title in (("agreement", "agreement with reference"), ("ground_truth", "ground truth")):

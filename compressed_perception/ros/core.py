@@ -59,6 +59,8 @@ class CameraStats:
     suppressed_warnings: int = 0
     first_input: float | None = None  # clock time of the first frame received
     last_output: float | None = None  # clock time of the latest frame published
+    # why the latest frame does not fit the model's trimmed input (Detector.unfitted)
+    unfitted: str = ""
 
     @property
     def skipped(self) -> int:
@@ -164,9 +166,17 @@ class PerceptionCore:
             for (camera, pending, image), result in zip(ready, results, strict=True):
                 self._publish(camera, pending.message.header, result, image)
                 self._record(camera, pending, result)
+                self._check_fit(camera, result.unfitted or "")
                 done += 1
         except Exception as exc:  # the worker must outlive any one frame
             self._failed([camera for camera, *_ in ready[done:]], f"frame not processed: {exc!r}")
+
+    def _check_fit(self, camera: int, why: str) -> None:
+        """Warn once per change, and say it in diagnostics while it lasts."""
+        with self._lock:
+            changed, self.stats[camera].unfitted = why != self.stats[camera].unfitted, why
+        if why and changed:
+            self._warn(f"{self.stats[camera].topic}: {why}")
 
     def _failed(self, cameras: list[int], text: str) -> None:
         with self._lock:
@@ -284,6 +294,8 @@ def _status(stats: CameraStats, before: tuple[int, int, int], period: _Period) -
             f"{stats.skipped - skipped} frames skipped since the last report "
             f"(in all {stats.malformed} malformed, {stats.failed} failed)"
         )
+    elif stats.unfitted:
+        level, text = 1, stats.unfitted
     else:
         level, text = 0, "ok"
     return CameraStatus(f"perception: {stats.topic}", level, text, values)

@@ -12,9 +12,9 @@ import numpy as np
 from compressed_perception.errors import BackendError, ConfigError, ModelError
 from compressed_perception.runtime.backends import open_backend
 from compressed_perception.runtime.backends.base import Backend
-from compressed_perception.runtime.manifest import Manifest, load_manifest
+from compressed_perception.runtime.manifest import FITTED_FROM, Manifest, load_manifest
 from compressed_perception.runtime.postprocess import Detections, PostprocessConfig, postprocess
-from compressed_perception.runtime.preprocess import Letterbox
+from compressed_perception.runtime.preprocess import Letterbox, same_grid
 
 DYNAMIC_BATCH_LIMIT = 8  # frames per call when the model's batch dimension is dynamic
 
@@ -38,6 +38,8 @@ class FrameResult:
     width: int
     height: int
     latency_ms: StageTimes
+    # why the frame does not fit the model's trimmed input (Detector.unfitted); None: it does
+    unfitted: str | None = None
 
 
 def batch_limit(manifest: Manifest, backend: Backend) -> int:
@@ -67,6 +69,23 @@ class Detector:
         self.labels = manifest.classes
         self.max_batch = batch_limit(manifest, backend)
         self._letterbox = Letterbox(manifest.io.width, manifest.io.height, batch=self.max_batch)
+
+    def unfitted(self, width: int, height: int) -> str | None:
+        """Why `width` x `height` frames are not seen as the original model saw them, where
+        its input was trimmed to other cameras' frames (fit_input); None where they are."""
+        fit = self.manifest.architecture.get(FITTED_FROM)
+        if fit is None:
+            return None
+        before = tuple(fit["input_size"])
+        size = (self.manifest.io.height, self.manifest.io.width)
+        if same_grid(before, size, int(fit["stride"]), (width, height)):
+            return None
+        return (
+            f"{width}x{height} frames do not fit the {size[1]}x{size[0]} input of "
+            f"{self.manifest.name}, trimmed to other cameras' frames: it sees them at another "
+            f"scale or grid than its {before[1]}x{before[0]} original, so less faithfully "
+            "(build it with these frames, or fit_input sizes)"
+        )
 
     @classmethod
     def open(
@@ -120,5 +139,7 @@ class Detector:
                 (inferred - prepared) * 1e3,
                 (time.perf_counter() - begin) * 1e3,
             )
-            results.append(FrameResult(found, transform.src_width, transform.src_height, times))
+            width, height = transform.src_width, transform.src_height
+            why = self.unfitted(width, height)
+            results.append(FrameResult(found, width, height, times, why))
         return results

@@ -14,6 +14,9 @@ from compressed_perception.errors import ConfigError, IntegrityError, ModelError
 
 FORMAT = "compressed_perception/manifest@1"
 ARTIFACT_KINDS = ("onnx", "torch", "tensorrt", "openvino")
+# architecture entry of a model whose input was trimmed to its cameras' frames (the
+# build's fit_input): {"input_size": [h, w] before, "stride": the largest}
+FITTED_FROM = "input_fitted_from"
 
 
 def sha256_file(path: Path) -> str:

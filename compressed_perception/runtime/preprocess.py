@@ -74,6 +74,29 @@ class LetterboxTransform:
         return np.array([self.pad_x, self.pad_y] * 2, np.float64)
 
 
+def letterbox_geometry(
+    width: int, height: int, src_width: int, src_height: int
+) -> tuple[int, int, int, int]:
+    """(content width, content height, pad x, pad y) of a `src` frame letterboxed into
+    `width` x `height`: the aspect ratio kept, the content centred."""
+    scale = min(width / src_width, height / src_height)
+    new_w = min(max(round(src_width * scale), 1), width)
+    new_h = min(max(round(src_height * scale), 1), height)
+    return new_w, new_h, (width - new_w) // 2, (height - new_h) // 2
+
+
+def same_grid(
+    before: tuple[int, int], after: tuple[int, int], stride: int, frame: tuple[int, int]
+) -> bool:
+    """Whether a `frame` (width, height) letterboxed into `after` (height, width) lands at
+    the same scale as into `before`, moved by whole multiples of `stride`: a fully
+    convolutional model then computes the same cells on it."""
+    old_w, old_h, old_x, old_y = letterbox_geometry(before[1], before[0], *frame)
+    new_w, new_h, new_x, new_y = letterbox_geometry(after[1], after[0], *frame)
+    moved = (old_x - new_x) % stride == 0 and (old_y - new_y) % stride == 0
+    return (old_w, old_h) == (new_w, new_h) and moved
+
+
 class Letterbox:
     """Letterboxes frames into slots of `buffer`, the (batch, height, width, 3) model input.
 
@@ -100,10 +123,7 @@ class Letterbox:
         if not 0 <= slot < len(self._sizes):
             raise ConfigError(f"letterbox slot: {slot} is outside 0..{len(self._sizes) - 1}")
         src_h, src_w = image.shape[:2]
-        scale = min(self.width / src_w, self.height / src_h)
-        new_w = min(max(round(src_w * scale), 1), self.width)
-        new_h = min(max(round(src_h * scale), 1), self.height)
-        pad_x, pad_y = (self.width - new_w) // 2, (self.height - new_h) // 2
+        new_w, new_h, pad_x, pad_y = letterbox_geometry(self.width, self.height, src_w, src_h)
         if self._sizes[slot] != (new_w, new_h):
             self._fill_padding(slot, pad_x, pad_y, new_w, new_h)
             self._sizes[slot] = (new_w, new_h)
