@@ -114,3 +114,15 @@ def test_frames_the_input_was_not_fitted_to_are_named(fitted_detector, frames):
     square = np.ascontiguousarray(frames[0][:, :576])
     why = fitted_detector.detect(square).unfitted
     assert why is not None and "576x576 frames do not fit the 416x352 input" in why
+
+
+@pytest.mark.parametrize("entry", [{"input_size": [416], "stride": 32}, {"stride": 32}, "416"])
+def test_a_malformed_fit_record_is_refused_when_the_model_loads(fitted_detector, entry):
+    from compressed_perception.errors import ModelError
+    from compressed_perception.runtime.detector import Detector
+    from compressed_perception.runtime.manifest import FITTED_FROM
+
+    manifest = fitted_detector.manifest
+    broken = dataclasses.replace(manifest, architecture={FITTED_FROM: entry})
+    with pytest.raises(ModelError, match=f"{FITTED_FROM} must be"):
+        Detector(broken, fitted_detector.backend)

@@ -42,6 +42,25 @@ class FrameResult:
     unfitted: str | None = None
 
 
+def _fitted_from(manifest: Manifest) -> tuple[tuple[int, int], int] | None:
+    """The input size (height, width) and stride a trimmed input was fitted from, checked
+    once here so that a malformed entry is a load error, not a failure on every frame."""
+    fit = manifest.architecture.get(FITTED_FROM)
+    if fit is None:
+        return None
+    try:
+        height, width = (int(v) for v in fit["input_size"])
+        stride = int(fit["stride"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"{manifest.path}: architecture {FITTED_FROM} must be "
+            f"{{input_size: [height, width], stride: n}}, got {fit!r}"
+        ) from exc
+    if min(height, width, stride) < 1:
+        raise ModelError(f"{manifest.path}: architecture {FITTED_FROM} has sizes < 1: {fit!r}")
+    return (height, width), stride
+
+
 def batch_limit(manifest: Manifest, backend: Backend) -> int:
     """The most frames one call takes: the model's fixed batch, else DYNAMIC_BATCH_LIMIT,
     lowered to the backend's own `max_batch` where it has one (a TensorRT engine is built
@@ -69,16 +88,16 @@ class Detector:
         self.labels = manifest.classes
         self.max_batch = batch_limit(manifest, backend)
         self._letterbox = Letterbox(manifest.io.width, manifest.io.height, batch=self.max_batch)
+        self._fitted_from = _fitted_from(manifest)
 
     def unfitted(self, width: int, height: int) -> str | None:
         """Why `width` x `height` frames are not seen as the original model saw them, where
         its input was trimmed to other cameras' frames (fit_input); None where they are."""
-        fit = self.manifest.architecture.get(FITTED_FROM)
-        if fit is None:
+        if self._fitted_from is None:
             return None
-        before = tuple(fit["input_size"])
+        before, stride = self._fitted_from
         size = (self.manifest.io.height, self.manifest.io.width)
-        if same_grid(before, size, int(fit["stride"]), (width, height)):
+        if same_grid(before, size, stride, (width, height)):
             return None
         return (
             f"{width}x{height} frames do not fit the {size[1]}x{size[0]} input of "
