@@ -339,7 +339,8 @@ class _Summary:
         self.labels = labels
         self.frames = 0
         self.counts: Counter[str] = Counter()
-        self.unfitted: list[str] = []
+        self.unfitted = 0  # frames the model's trimmed input does not fit
+        self.unfitted_why = ""  # the first one's reason
         self.latency: dict[str, list[float]] = {
             "preprocess": [],
             "inference": [],
@@ -350,7 +351,8 @@ class _Summary:
         self.frames += 1
         self.counts.update(d["label"] for d in record["detections"])
         if record["unfitted"]:
-            self.unfitted.append(record["unfitted"])
+            self.unfitted += 1
+            self.unfitted_why = self.unfitted_why or record["unfitted"]
         for stage, values in self.latency.items():
             values.append(record["latency_ms"][stage])
 
@@ -366,7 +368,7 @@ class _Summary:
             f"({1000 / np.median(totals):.1f} frames/s)"
         )
         if self.unfitted:
-            text += f"\n{len(self.unfitted)} frames less faithful: {self.unfitted[0]}"
+            text += f"\n{self.unfitted} frames less faithful: {self.unfitted_why}"
         return text
 
 

@@ -10,15 +10,12 @@ import pytest
 
 pytest.importorskip("torch", reason="the build needs the build extra")
 
-from compressed_perception.compress.fit_input import (
-    FitInputSettings,
-    fitted_size,
-    with_input_size,
-)
+from compressed_perception.compress.fit_input import FitInputSettings, fitted_size
 from compressed_perception.compress.prune import _share_of_parent
 from compressed_perception.compress.recipe import parse_recipe
 from compressed_perception.compress.stage import ModelRef
 from compressed_perception.errors import ConfigError
+from compressed_perception.models.nanodet import with_input_size
 from compressed_perception.runtime.manifest import load_manifest
 from compressed_perception.runtime.preprocess import Letterbox
 

@@ -126,7 +126,7 @@ def build(
     )
     eval_frames = load_frames(recipe.evaluate, minimum=MIN_EVAL_FRAMES)
     labelled = load_labelled(recipe.labels, source.classes) if recipe.labels else []
-    original = ModelRef(source, _source_key(source), *counts(source))
+    original = ModelRef(source, _source_key(source), *context.source_counts)
     run = _Run(context, cache, original)
     for step in schedule(recipe):
         run.step(step)

@@ -13,7 +13,6 @@ fits: every frame then lands on the same grid, at the same scale, as in the orig
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from compressed_perception.compress.artifacts import torch_model, write_model
 from compressed_perception.compress.stage import STUDENT, BuildContext, ModelRef, Stage, Variant
 from compressed_perception.errors import ConfigError
-from compressed_perception.models.nanodet import NanoDet
+from compressed_perception.models.nanodet import with_input_size
 from compressed_perception.runtime.manifest import FITTED_FROM
 from compressed_perception.runtime.preprocess import same_grid
 
@@ -49,7 +48,7 @@ def fitted_size(
     """The smallest (height, width) that letterboxes every frame size as `input_size` does,
     content moved by whole multiples of `stride`; `input_size` itself where none is smaller."""
     height, width = input_size
-    sizes = sorted(set(frames))
+    sizes = set(frames)
     if not sizes:
         raise ConfigError("fit_input: no frame sizes to fit the input to")
     candidates = [
@@ -61,20 +60,12 @@ def fitted_size(
     return min(candidates, key=lambda hw: (hw[0] * hw[1], -hw[1]))
 
 
-def with_input_size(model: NanoDet, input_size: tuple[int, int]) -> NanoDet:
-    """`model` (in place) fed `input_size`: the network is fully convolutional, only its
-    decoding grid depends on the size."""
-    model.config = dataclasses.replace(model.config, input_size=input_size)
-    return model
-
-
 def _produce(
     context: BuildContext, parent: ModelRef, settings: FitInputSettings, folder: Path
 ) -> dict[str, Any]:
     model = torch_model(parent.manifest, "fitting the input")
     before = model.config.input_size
-    frames = [(f.shape[1], f.shape[0]) for f in context.train_frames]
-    sizes = sorted({*frames, *(tuple(s) for s in settings.sizes)})
+    sizes = sorted({*((f.shape[1], f.shape[0]) for f in context.train_frames), *settings.sizes})
     stride = max(model.config.strides)
     after = fitted_size(before, stride, sizes)
     write_model(

@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressed_perception.atomic import write_json
-from compressed_perception.compress.artifacts import counts, torch_model, write_model
+from compressed_perception.compress.artifacts import torch_model, write_model
 from compressed_perception.compress.linear import (
     gram,
     ridge_solve,
@@ -667,7 +667,7 @@ def _produce(
 ) -> dict[str, Any]:
     model = torch_model(parent.manifest, "pruning")
     images = context.calibration(settings.calibration_frames, parent.manifest)
-    original = counts(context.source)[1]
+    original = context.source_counts[1]
     share = _share_of_parent(settings.macs, parent, original)
     result = prune(model, dataclasses.replace(settings, macs=share), list(images), context.device)
     write_json(folder / KEPT, result.kept)

@@ -113,11 +113,18 @@ class BuildContext:
             batch[slot] = letterbox.buffer[0]
         return batch
 
+    @functools.cached_property
+    def source_counts(self) -> tuple[int | None, int | None]:
+        """The source model's params and MACs, counted once for the build and its stages."""
+        from compressed_perception.compress.artifacts import counts
+
+        return counts(self.source)
+
     def teacher(self, input_size: tuple[int, int] | None = None) -> NanoDet:
         """The source model in PyTorch, which reconstruction and distillation need, fed
         `input_size` (a fitted student's) so that its outputs line up with the student's."""
         from compressed_perception.compress.artifacts import torch_model
-        from compressed_perception.compress.fit_input import with_input_size
+        from compressed_perception.models.nanodet import with_input_size
 
         model = torch_model(self.source, "the source model")
         return model if input_size is None else with_input_size(model, input_size)

@@ -6,7 +6,7 @@ pruning can follow the channel dependencies and the layers can be addressed by n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -221,6 +221,13 @@ class DeployModel(nn.Module):
         lt = self.centers - distances[..., :2]
         rb = self.centers + distances[..., 2:]
         return torch.cat((lt, rb), dim=-1), logits.sigmoid()
+
+
+def with_input_size(model: NanoDet, input_size: tuple[int, int]) -> NanoDet:
+    """`model` (in place) fed `input_size` (height, width): the network is fully
+    convolutional, only its decoding grid depends on the size."""
+    model.config = replace(model.config, input_size=input_size)
+    return model
 
 
 def flatten_levels(
