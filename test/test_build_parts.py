@@ -357,6 +357,41 @@ def test_classes_that_hold_the_shortfall_are_named():
     assert class_tables(rows[:1]) == {}
 
 
+def test_a_shortfall_names_what_the_input_trim_alone_gave():
+    """The trim and the pruning both count towards the MACs budget: the report keeps them
+    apart, so a pruned student's shortfall is not laid on the trim, or the reverse."""
+    import dataclasses
+
+    from compressed_perception.compress.measure import CLASS_TABLE, FITTED, class_tables, targets
+
+    def row(stage, macs, person, bus):
+        classes = {
+            "person": {"boxes": 500, "near": 40, "map": person, "map50": person},
+            "bus": {"boxes": 5, "near": 5, "map": bus, "map50": bus},
+        }
+        accuracy = {"map": (person + bus) / 2, "map50": (person + bus) / 2}
+        measured = _measurement(stage, "onnxruntime", 50.0, accuracy, macs=macs)
+        return dataclasses.replace(measured, classes=classes)
+
+    original = _measurement("fp32", "onnxruntime", 100.0, {"map": 1.0, "map50": 1.0}, macs=2000)
+    rows = [original, row(FITTED, 1692, 1.0, 0.98), row("reconstructed", 1200, 0.97, 0.3)]
+    named = {t.name: t for t in targets(rows, 1000.0, quick=False)}
+    why = named["student (FP32) agreement mAP"].explanation
+    assert why.startswith(
+        "the input trimmed to the camera's frames alone (fitted, 0.846x MACs) agrees at mAP "
+        "0.990; after pruning and reconstruction (reconstructed) agreement is mAP 0.635"
+    )
+    table = class_tables(rows)[CLASS_TABLE]
+    assert table["columns"][3:] == [
+        "reconstructed (onnxruntime) mAP / mAP@.5",
+        "fitted (onnxruntime) mAP / mAP@.5",
+    ]
+    assert table["rows"][1] == ["bus", 5, 5, "0.300 / 0.300", "0.980 / 0.980"]
+    # without the trim nothing is said of it
+    plain = {t.name: t for t in targets([original, rows[2]], 1000.0, quick=False)}
+    assert "trimmed" not in plain["student (FP32) agreement mAP"].explanation
+
+
 def test_distillation_that_lowers_held_out_agreement_is_reported():
     from compressed_perception.compress.measure import targets
 
